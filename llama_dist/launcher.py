@@ -1,0 +1,33 @@
+"""Start N local ranks with torchrun when a command is asked for more than one process.
+
+`llama-dist train CONFIG --nproc 2` and `llama-dist generate CKPT` (on an mp=2
+checkpoint) re-run their own module under `torch.distributed.run --standalone`,
+so a workstation user never has to type torchrun; under torchrun (WORLD_SIZE
+set) or for one process nothing is relaunched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ
+
+
+def torchrun_command(module: str, argv: list[str], nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", module, *argv]
+
+
+def relaunch(module: str, argv: list[str], nproc: int) -> int:
+    """Run `python -m module argv` on nproc local ranks; returns torchrun's exit code.
+
+    OMP_NUM_THREADS defaults to cores / nproc so the ranks do not oversubscribe
+    the CPU (torchrun would otherwise set it to 1).
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(torchrun_command(module, argv, nproc), env=env)

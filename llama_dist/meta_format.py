@@ -1,0 +1,118 @@
+"""Meta's checkpoint directory: `consolidated.NN.pth` per model-parallel rank + `params.json`.
+
+Facts we match (see Meta's `Llama.build`): it globs `*.pth`, sorts them, needs
+`MP == len(checkpoints)`, loads `checkpoints[mp_rank]` and builds
+`ModelArgs(**params)`. So the directory holds no other `*.pth` file, a shard is a
+flat dict of tensors keyed by Meta's names, and params.json has only Meta's keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama_dist.errors import UserError
+from llama_dist.model import ModelArgs
+
+PARAMS_FILE = "params.json"
+TOKENIZER_FILE = "tokenizer.model"
+SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
+META_KEY = re.compile(
+    r"^(tok_embeddings\.weight|norm\.weight|output\.weight|rope\.freqs|"
+    r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123]|attention_norm|ffn_norm)\.weight)$"
+)
+COLUMN_PARALLEL = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.",
+                   "feed_forward.w3.", "output.")
+ROW_PARALLEL = ("attention.wo.", "feed_forward.w2.")
+
+
+def shard_file(mp_rank: int) -> str:
+    return f"consolidated.{mp_rank:02d}.pth"
+
+
+def shard_paths(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The `*.pth` files in Meta's order (sorted), checked to be consolidated.00 .. NN."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint directory {ckpt_dir} does not exist")
+    paths = sorted(ckpt_dir.glob("*.pth"))
+    if not paths:
+        raise UserError(f"no consolidated.*.pth shards in {ckpt_dir}; is this a checkpoint directory?")
+    for index, path in enumerate(paths):
+        match = SHARD_NAME.match(path.name)
+        if not match or int(match.group(1)) != index:
+            names = ", ".join(p.name for p in paths)
+            raise UserError(
+                f"{ckpt_dir} has *.pth files {names}; expected consolidated.00.pth .. "
+                f"consolidated.{len(paths) - 1:02d}.pth with none missing or extra"
+            )
+    return paths
+
+
+def read_params(ckpt_dir: str | os.PathLike, **sizes: int) -> ModelArgs:
+    """params.json as ModelArgs; `sizes` may add max_seq_len and max_batch_size, as Meta's build does."""
+    path = Path(ckpt_dir) / PARAMS_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing; a Meta-format checkpoint needs params.json beside its shards")
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
+    try:
+        return ModelArgs(**params, **sizes)
+    except TypeError as err:
+        raise UserError(f"{path} has a key Meta's ModelArgs does not know ({err})") from None
+
+
+def write_params(ckpt_dir: str | os.PathLike, args: ModelArgs) -> None:
+    atomic_write_text(Path(ckpt_dir) / PARAMS_FILE, json.dumps(args.params_json(), indent=2) + "\n")
+
+
+def shard_dim(key: str, args: ModelArgs) -> Optional[int]:
+    """The dimension a weight is split on across model-parallel ranks; None if replicated."""
+    if key == "tok_embeddings.weight":
+        # Llama 3 (rope_theta set): VocabParallelEmbedding splits the vocabulary (dim 0);
+        # Llama 2: ParallelEmbedding splits the embedding dimension (dim 1)
+        return 0 if args.vocab_parallel_embedding else 1
+    name = key.split(".", 2)[-1] if key.startswith("layers.") else key
+    if name.startswith(COLUMN_PARALLEL):
+        return 0
+    if name.startswith(ROW_PARALLEL):
+        return 1
+    return None
+
+
+def load_shard(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """One shard, memory-mapped, that cannot run code; rejects anything but Meta's flat dict."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle and zip errors alike mean a bad file
+        raise UserError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a Meta-format state dict (expected a flat dict of tensors)")
+    unknown = [k for k in state if not META_KEY.match(k)]
+    if unknown:
+        raise UserError(f"{path} is not a Meta-format state dict: unexpected key '{unknown[0]}'")
+    return state
+
+
+def save_shard(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Save contiguous clones so no tensor drags a larger shared storage into the file."""
+    tmp = Path(f"{path}.tmp")
+    torch.save({k: v.detach().clone() if _is_view(v) else v.detach() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _is_view(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,94 @@
+"""Spawn N real gloo ranks on a free port and collect what each returns.
+
+Unlike fairscale's own helper (which keeps only world sizes up to the CUDA device
+count, so on a CPU it runs nothing and passes), this one always starts exactly
+`world_size` processes, re-raises the first failing rank's traceback, and fails
+on a hang.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, env: dict, args: tuple, results) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        value = fn(*args)
+        results.put((rank, "ok", pickle.dumps(value)))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            import fairscale.nn.model_parallel.initialize as fs_init
+
+            if fs_init.model_parallel_is_initialized():
+                fs_init.destroy_model_parallel()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
+              env: dict | None = None) -> list[Any]:
+    """Run fn(*args) on `world_size` spawned ranks; return each rank's result, by rank."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, dict(env or {}), args, results), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    collected: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(collected) < world_size:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world_size)) - set(collected))
+                raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f}s (hang?)")
+            try:
+                rank, status, payload = results.get(timeout=0.2)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in collected and p.exitcode not in (None, 0)]
+                if dead:
+                    time.sleep(0.5)  # a dying rank may still have a report in flight
+                    if results.empty():
+                        raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                continue
+            if status == "error":
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
+            collected[rank] = pickle.loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert sorted(collected) == list(range(world_size)), "not every rank reported"
+    return [collected[r] for r in range(world_size)]

@@ -1,0 +1,111 @@
+"""Config: file + overrides, coercion by type, and a one-line message for each mistake."""
+
+import subprocess
+import sys
+
+import pytest
+
+from llama_dist.config import ConfigError, load_config, validate
+
+
+def test_file_then_overrides_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  dim: 256\n  n_heads: 8\n  vocab_size: 512\ntrain:\n  steps: 7\n")
+    cfg = load_config(str(path), ["train.steps=9", "optim.lr=1e-4"])
+    assert cfg.model.dim == 256 and cfg.model.n_heads == 8  # from the file
+    assert cfg.train.steps == 9  # the override beats the file
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.model.n_layers == 32  # untouched default
+
+
+def test_bundled_name_resolves():
+    assert load_config("tiny").model.dim == 128
+    assert load_config("configs/tiny.yaml").model.vocab_size == 4096
+
+
+def test_values_are_coerced_by_type():
+    cfg = load_config("tiny", [
+        "train.steps=12", "optim.lr=3e-4", "log.tensorboard=false", "train.compile=yes",
+        "model.n_kv_heads=null", "model.ffn_dim_multiplier=1.3", "model.norm_eps=1e-6",
+        "train.run_dir=runs/x", "model.rope_theta=500000", "log.cpu_peak_tflops=0.5",
+    ])
+    assert cfg.train.steps == 12 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.log.tensorboard is False and cfg.train.compile is True
+    assert cfg.model.n_kv_heads is None and cfg.model.ffn_dim_multiplier == 1.3
+    assert cfg.model.rope_theta == 500000.0 and isinstance(cfg.model.rope_theta, float)
+    assert cfg.train.run_dir == "runs/x" and cfg.log.cpu_peak_tflops == 0.5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=ten", "'train.steps' must be int, got 'ten'"),
+    ("train.steps=1.5", "'train.steps' must be int, got 1.5"),
+    ("log.tensorboard=maybe", "'log.tensorboard' must be bool"),
+    ("optim.lr=fast", "'optim.lr' must be float"),
+    ("model.dimm=3", "unknown key 'model.dimm'; valid keys in 'model': dim, n_layers"),
+    ("modle.dim=3", "unknown config section 'modle'; valid sections: model, parallel, data"),
+    ("train.steps", "must look like section.key=value"),
+    ("steps=3", "must be section.key"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'; valid keys in 'optim': lr, min_lr"):
+        load_config(str(path))
+
+
+def test_missing_file_names_the_bundled_choices():
+    with pytest.raises(ConfigError, match="config file 'nope' not found; give a path or one of: .*tiny"):
+        load_config("nope")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.mp=3"], "model.n_heads=4 is not divisible by parallel.mp=3"),
+    (["model.n_kv_heads=3"], "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
+    (["model.n_heads=8", "model.n_kv_heads=2", "parallel.mp=4"], "model.n_kv_heads=2 is not divisible by parallel.mp=4"),
+    (["model.dim=130"], "model.dim=130 is not divisible by model.n_heads=4"),
+    (["model.dim=120", "model.n_heads=8"], "head dim model.dim/model.n_heads=15 must be even"),
+    (["model.vocab_size=4095", "parallel.mp=2"], "model.vocab_size=4095 is not divisible by parallel.mp=2"),
+    (["model.multiple_of=5", "parallel.mp=2"], "FFN width 345 is not divisible by parallel.mp=2"),
+    (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
+    (["optim.min_lr=1"], "optim.min_lr=1.0 is above optim.lr=0.003"),
+    (["train.dtype=fp8"], "train.dtype='fp8' must be auto, fp32 or bf16"),
+    (["model.n_layers=0"], "model.n_layers must be positive, got 0"),
+])
+def test_invalid_combinations_name_both_values(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides)
+    assert message in str(err.value)
+
+
+def test_world_size_must_match_parallel_sizes():
+    cfg = load_config("tiny", ["parallel.mp=2"])
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.mp=2"):
+        validate(cfg, world_size=3)
+    cfg.parallel.dp = 3
+    with pytest.raises(ConfigError, match=r"parallel.dp=3 x parallel.mp=2 does not equal the world size 4"):
+        validate(cfg, world_size=4)
+    cfg.parallel.dp = 2
+    validate(cfg, world_size=4)
+
+
+def test_cli_prints_resolved_yaml_and_one_line_errors():
+    ok = subprocess.run([sys.executable, "-m", "llama_dist.cli", "config", "tiny", "train.steps=5"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    import yaml
+
+    assert yaml.safe_load(ok.stdout)["train"]["steps"] == 5
+    bad = subprocess.run([sys.executable, "-m", "llama_dist.cli", "config", "tiny", "model.dimm=3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        bad.stderr.strip()
+    ] and "unknown key 'model.dimm'" in bad.stderr and "Traceback" not in bad.stderr
