@@ -72,15 +72,15 @@ def init_distributed(mp: int = 1, backend: str = "auto", device: str = "auto") -
     """
     dev = pick_device(device)
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:  # plain process: a world of one on loopback
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        if "WORLD_SIZE" in os.environ:  # torchrun (or a test's spawned ranks)
+            dist.init_process_group(backend=backend)
+        else:  # a plain process: a world of one on loopback, leaving the environment alone
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                    rank=0, world_size=1)
     world_size = dist.get_world_size()
     if world_size % mp:
         raise ConfigError(

@@ -9,6 +9,7 @@ set) or for one process nothing is relaunched.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,9 +26,22 @@ def torchrun_command(module: str, argv: list[str], nproc: int) -> list[str]:
 def relaunch(module: str, argv: list[str], nproc: int) -> int:
     """Run `python -m module argv` on nproc local ranks; returns torchrun's exit code.
 
-    OMP_NUM_THREADS defaults to cores / nproc so the ranks do not oversubscribe
-    the CPU (torchrun would otherwise set it to 1).
+    SIGTERM, SIGUSR1 and SIGINT sent to this process reach the ranks as SIGTERM
+    (torchrun forwards only that one), so `kill` of the launcher means "save and
+    stop" exactly as it does for a single process. OMP_NUM_THREADS defaults to
+    cores / nproc so the ranks do not oversubscribe the CPU.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(torchrun_command(module, argv, nproc), env=env)
+    child = subprocess.Popen(torchrun_command(module, argv, nproc), env=env)
+
+    def forward(_signum, _frame):
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

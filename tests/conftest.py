@@ -13,3 +13,18 @@ def _destroy_process_group():
     from llama_dist.distributed import shutdown
 
     shutdown()
+
+
+VOCAB = 512  # the shared test corpus's tokenizer size
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A real prepared corpus: 1.5 MB of the standard library, a 512-token BPE tokenizer."""
+    from llama_dist.prepare import prepare
+    from llama_dist.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    tokenizer = train_tokenizer(["stdlib"], VOCAB, str(root / "tok"), max_bytes=1_500_000)
+    prepare(["stdlib"], str(tokenizer), str(root / "stdlib"), workers=2, val_fraction=0.05, max_bytes=1_500_000)
+    return root / "stdlib"

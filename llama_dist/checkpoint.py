@@ -1,0 +1,279 @@
+"""Training checkpoints that load unchanged in Meta's `Llama.build`.
+
+The layout is in docs/checkpoint-format.md: Meta's shards and params.json, with
+the optimizer, RNG and train state beside them as non-`.pth` files. A directory
+counts only once rank 0 writes COMMITTED after every rank has finished, so a
+crash at any point leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llama_dist.config import Config
+from llama_dist.distributed import DistInfo, barrier
+from llama_dist.errors import UserError
+from llama_dist.meta_format import (
+    TOKENIZER_FILE,
+    atomic_write_text,
+    load_shard,
+    read_params,
+    save_shard,
+    shard_file,
+    shard_paths,
+    write_params,
+)
+
+COMMIT_MARKER = "COMMITTED"
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"step-{step:06d}"
+
+
+def optimizer_file(mp_rank: int) -> str:
+    return f"optimizer.{mp_rank:02d}.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng.{rank:05d}.pt"
+
+
+def is_committed(ckpt_dir: Path) -> bool:
+    return (ckpt_dir / COMMIT_MARKER).is_file()
+
+
+def committed_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint, oldest first; partial ones are ignored."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and path.is_dir() and is_committed(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    found = committed_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW state keyed by parameter name, so a reshard can split it like the weights."""
+    flat: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                flat[f"{key}/{name}"] = value.detach().cpu()
+    return flat
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    """Rebuild optimizer.state_dict() from name-keyed tensors; load_state_dict places them."""
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        entry = {key.split("/", 1)[0]: value for key, value in flat.items() if key.split("/", 1)[1] == name}
+        if entry:
+            state[index[id(param)]] = entry
+    if flat and not state:
+        raise UserError("optimizer state in the checkpoint matches no parameter of this model")
+    full = optimizer.state_dict()
+    full["state"] = state
+    optimizer.load_state_dict(full)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+    cfg: Config,
+    tokenizer_path: Optional[Path],
+    info: DistInfo,
+) -> Path:
+    """Collective: every rank calls it. Returns the committed directory."""
+    target = step_dir(run_dir, step)
+    if info.is_rank0:
+        if target.exists() and not is_committed(target):
+            shutil.rmtree(target)  # the leftovers of a crashed save of this step
+        target.mkdir(parents=True, exist_ok=True)
+    if is_committed(target):  # already saved (e.g. preempted right after resuming)
+        barrier()
+        return target
+    barrier()
+
+    written: list[Path] = []
+    if info.dp_rank == 0:  # dp replicas hold the same shard: one writer per mp rank
+        path = target / shard_file(info.mp_rank)
+        save_shard(model.state_dict(), path)
+        written.append(path)
+        path = target / optimizer_file(info.mp_rank)
+        save_shard(optimizer_state_tensors(model, optimizer), path)
+        written.append(path)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and info.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(info.device)
+    path = target / rng_file(info.rank)
+    save_shard(rng, path)
+    written.append(path)
+    _fault_point("save", step, info)
+
+    if info.is_rank0:
+        write_params(target, cfg.model)
+        atomic_write_text(target / TRAIN_STATE, json.dumps(train_state, indent=2) + "\n")
+        atomic_write_text(target / "config.yaml", cfg.to_yaml())
+        written += [target / "params.json", target / TRAIN_STATE, target / "config.yaml"]
+        if tokenizer_path is not None and Path(tokenizer_path).is_file():
+            shutil.copyfile(tokenizer_path, target / f"{TOKENIZER_FILE}.tmp")
+            os.replace(target / f"{TOKENIZER_FILE}.tmp", target / TOKENIZER_FILE)
+            written.append(target / TOKENIZER_FILE)
+
+    # each rank hashes what it wrote; rank 0 writes the manifest, then the marker
+    mine = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in written}
+    gathered: list[Any] = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+    if info.is_rank0:
+        files: dict[str, Any] = {}
+        for part in gathered:
+            files.update(part)
+        atomic_write_text(target / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))}, indent=1))
+        _fsync_dir(target)
+        atomic_write_text(target / COMMIT_MARKER, f"{step}\n")
+        _fsync_dir(target)
+    barrier()
+    return target
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fault_point(where: str, step: int, info: DistInfo) -> None:
+    """Tests kill a rank here (LLAMA_DIST_FAULT_KILL=save:STEP:RANK) to prove atomicity."""
+    spec = os.environ.get("LLAMA_DIST_FAULT_KILL", "")
+    if spec == f"{where}:{step}:{info.rank}":
+        os._exit(9)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete committed checkpoints beyond the newest keep_last, keeping multiples of keep_every."""
+    found = committed_checkpoints(run_dir)
+    doomed = []
+    for step, path in found[: max(0, len(found) - max(1, keep_last))]:
+        if keep_every and step % keep_every == 0:
+            continue
+        (path / COMMIT_MARKER).unlink()  # uncommit first: a half-deleted dir is never loaded
+        shutil.rmtree(path)
+        doomed.append(path)
+    return doomed
+
+
+# --------------------------------------------------------------------------- load
+
+
+def verify_manifest(ckpt_dir: Path, names: list[str]) -> None:
+    manifest_path = ckpt_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{ckpt_dir} has no {MANIFEST}; it is not a complete llama_dist checkpoint")
+    files = json.loads(manifest_path.read_text())["files"]
+    for name in names:
+        if name not in files:
+            raise UserError(f"{ckpt_dir / name} is not listed in {MANIFEST}")
+        if sha256_file(ckpt_dir / name) != files[name]["sha256"]:
+            raise UserError(
+                f"{ckpt_dir / name} does not match its sha256 in {MANIFEST}: the file is corrupt; "
+                f"resume from an earlier checkpoint (delete this directory) or set checkpoint.verify=false"
+            )
+
+
+def check_compatible(ckpt_dir: Path, cfg: Config, info: DistInfo) -> None:
+    """Meta's MP == len(checkpoints) convention and params.json against the config."""
+    shards = shard_paths(ckpt_dir)
+    if len(shards) != info.mp_size:
+        raise UserError(
+            f"checkpoint {ckpt_dir} has MP={len(shards)} shards but this run has parallel.mp={info.mp_size}; "
+            f"set parallel.mp={len(shards)} or run `llama-dist reshard {ckpt_dir} NEW_DIR --mp {info.mp_size}`"
+        )
+    saved = read_params(ckpt_dir).params_json()
+    wanted = cfg.model.params_json()
+    for key in sorted(set(saved) | set(wanted)):
+        if saved.get(key) != wanted.get(key):
+            raise UserError(
+                f"checkpoint {ckpt_dir} has {key}={saved.get(key)} in params.json but the config has "
+                f"model.{key}={wanted.get(key)}; use the checkpoint's model config or a new train.run_dir"
+            )
+
+
+def load_checkpoint(
+    ckpt_dir: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], cfg: Config, info: DistInfo,
+) -> dict[str, Any]:
+    """Load this rank's part of a committed checkpoint; returns the train state."""
+    check_compatible(ckpt_dir, cfg, info)
+    names = [shard_file(info.mp_rank), TRAIN_STATE]
+    if optimizer is not None:
+        names.append(optimizer_file(info.mp_rank))
+    if cfg.checkpoint.verify:
+        verify_manifest(ckpt_dir, names)
+    state = load_shard(ckpt_dir / shard_file(info.mp_rank), mmap=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{ckpt_dir / shard_file(info.mp_rank)} does not fit the model: "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if optimizer is not None:
+        path = ckpt_dir / optimizer_file(info.mp_rank)
+        if not path.is_file():
+            raise UserError(f"{path} is missing; this checkpoint cannot resume training (it holds weights only)")
+        load_optimizer_state(model, optimizer, torch.load(path, map_location="cpu", weights_only=True))
+    train_state = json.loads((ckpt_dir / TRAIN_STATE).read_text())
+    rng_path = ckpt_dir / rng_file(info.rank)
+    if train_state.get("world_size") == info.world_size and rng_path.is_file():
+        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and info.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], info.device)
+    return train_state

@@ -1,0 +1,365 @@
+"""Pretrain a LLaMA model over data x model parallelism.
+
+One process (CPU or one GPU):
+    llama-dist train configs/tiny.yaml train.steps=100
+One node, 8 processes, tensor parallel 2 inside data parallel 4:
+    torchrun --standalone --nproc_per_node 8 -m llama_dist.train configs/small.yaml parallel.mp=2
+    llama-dist train configs/small.yaml parallel.mp=2 --nproc 8        (starts torchrun itself)
+Several nodes (run on every node; HOST is the first node's address):
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        --rdzv-id JOB -m llama_dist.train configs/llama2-7b.yaml parallel.mp=8
+
+The run resumes from the latest complete checkpoint in train.run_dir. On SIGTERM or
+SIGUSR1 (what SLURM sends before a time limit or preemption) every rank agrees at the
+next step boundary, saves a checkpoint, writes RUN/PREEMPTED and exits with
+EXIT_PREEMPTED (75), so a batch script can requeue the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from llama_dist import distributed
+from llama_dist.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from llama_dist.config import Config, load_config, validate
+from llama_dist.distributed import DistInfo, get_logger
+from llama_dist.errors import UserError
+from llama_dist.metrics import TensorBoard, device_peak_flops, format_duration, memory_gib
+from llama_dist.model import Transformer, flops_per_token
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGUSR1; requeue to resume
+EXIT_DIVERGED = 3  # too many consecutive NaN/Inf steps; the last good checkpoint is kept
+PREEMPTED_MARKER = "PREEMPTED"
+
+log = get_logger("llama_dist.train")
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to optim.lr, then cosine decay to optim.min_lr at train.steps."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, cfg.train.steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; norms and embeddings get no weight decay unless configured."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        exempt = param.ndim < 2 or name.startswith("tok_embeddings")
+        (no_decay if exempt and not cfg.optim.decay_norms_and_embeddings else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                             eps=cfg.optim.eps, **fused)
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1; the loop checks it at step boundaries on every rank."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def fault_nan_steps() -> set[int]:
+    """Tests inject a non-finite loss at these steps (LLAMA_DIST_FAULT_NAN=3,4)."""
+    spec = os.environ.get("LLAMA_DIST_FAULT_NAN", "")
+    return {int(s) for s in spec.split(",") if s.strip()}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo):
+        from llama_dist.loader import TokenLoader
+
+        self.cfg, self.info = cfg, info
+        self.device = info.device
+        self.dtype = resolve_dtype(cfg, self.device)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.tokenizer_path = Path(cfg.data.tokenizer or Path(cfg.data.dir) / "tokenizer.model")
+
+        distributed.seed_everything(cfg.train.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.sharded = distributed.sharded_parameter_names(self.model)
+        # DDP over the data-parallel group only: the world group would overwrite other mp ranks' shards
+        self.ddp = (DistributedDataParallel(self.model, process_group=distributed.dp_group(),
+                                            device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if info.dp_size > 1 else None)
+        forward_module = self.ddp or self.model
+        self.forward = torch.compile(forward_module) if cfg.train.compile else forward_module
+
+        loader_args = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
+                           dp_rank=info.dp_rank, dp_size=info.dp_size, seed=cfg.data.seed,
+                           expected_vocab_size=cfg.model.vocab_size)
+        self.loader = TokenLoader(cfg.data.dir, "train", verify_checksums=cfg.data.verify_checksums, **loader_args)
+        self.make_val_loader = lambda: TokenLoader(cfg.data.dir, "val", **loader_args)
+        self.batches: Iterator = iter(self.loader)
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * info.dp_size
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops, self.peak_source = device_peak_flops(self.device, self.dtype, cfg.log.cpu_peak_tflops)
+        self.resumed_from: Optional[Path] = None
+
+    # ----------------------------------------------------------------- state
+
+    def resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir) if self.cfg.checkpoint.resume else None
+        if ckpt is None:
+            return
+        state = load_checkpoint(ckpt, self.model, self.optimizer, self.cfg, self.info)
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.loader.load_state_dict(state["loader"])
+        self.batches = iter(self.loader)
+        self.resumed_from = ckpt
+        log.info(f"resumed from {ckpt} at step {self.step}")
+
+    def train_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "mp": self.info.mp_size, "dp": self.info.dp_size, "world_size": self.info.world_size,
+                "loader": self.loader.state_dict(),
+                "scheduler": {"kind": "warmup_cosine", "lr": lr_at(self.step, self.cfg)}}
+
+    def save(self) -> Path:
+        start = time.perf_counter()
+        path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.train_state(),
+                               self.cfg, self.tokenizer_path, self.info)
+        if self.info.is_rank0:
+            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        distributed.barrier()
+        log.info(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
+        return path
+
+    # ----------------------------------------------------------------- one step
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train_step(self, stop: StopSignal, nan_steps: set[int]) -> tuple[float, float, bool, bool]:
+        """Forward/backward over grad_accum_steps micro-batches, then maybe an update.
+
+        Returns (mean loss over dp, grad norm, skipped, stop requested); the last
+        three are the same on every rank, decided by one all-reduce.
+        """
+        accum = self.cfg.train.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(self.batches))
+            sync = self.ddp is None or micro == accum - 1
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self.autocast():
+                logits = self.forward(inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                if self.step in nan_steps:
+                    loss = loss * float("nan")
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+
+        norm = distributed.global_grad_norm(self.model.named_parameters(), self.sharded)
+        # one all-reduce decides for every rank: the loss for the log, bad step, stop
+        flags = torch.stack([loss_sum / accum,
+                             (~torch.isfinite(loss_sum) | ~torch.isfinite(norm)).float(),
+                             torch.tensor(1.0 if stop.received else 0.0, device=self.device)])
+        if dist.is_initialized() and self.info.world_size > 1:
+            dist.all_reduce(flags)
+        mean_loss = flags[0].item() / self.info.world_size  # mp ranks hold the same loss
+        bad, stop_now = flags[1].item() > 0, flags[2].item() > 0
+
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            return mean_loss, norm.item(), True, stop_now
+        clip = self.cfg.optim.grad_clip
+        if clip > 0:
+            coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, norm.item(), False, stop_now
+
+    def validate(self) -> dict:
+        from llama_dist.evaluate import evaluate
+
+        with self.autocast():
+            return evaluate(self.model, self.make_val_loader(), self.cfg.train.eval_batches)
+
+    # ----------------------------------------------------------------- the loop
+
+    def run(self) -> int:
+        cfg, info = self.cfg, self.info
+        stop = StopSignal()
+        nan_steps = fault_nan_steps()
+        board = TensorBoard(self.run_dir / "tensorboard", cfg.log.tensorboard and info.is_rank0, self.step)
+        log.info(f"world {info.world_size} = dp {info.dp_size} x mp {info.mp_size} on {self.device} "
+                 f"({info.backend}, {str(self.dtype).replace('torch.', '')}); "
+                 f"{self.tokens_per_step:,} tokens/step; MFU peak {self.peak_flops / 1e12:.2f} TFLOP/s "
+                 f"per device ({self.peak_source})")
+        consecutive_bad = 0
+        last_saved = self.step if self.resumed_from else -1
+        window_start, window_steps = time.perf_counter(), 0
+        run_start_step, run_start = self.step, time.perf_counter()
+        try:
+            while self.step < cfg.train.steps:
+                loss, norm, skipped, stop_now = self.train_step(stop, nan_steps)
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                window_steps += 1
+                if skipped:
+                    self.skipped_steps += 1
+                    consecutive_bad += 1
+                    log.warning(f"step {self.step}: non-finite loss {loss:.4g} or grad norm {norm:.4g}; "
+                                f"update skipped ({consecutive_bad} in a row, {self.skipped_steps} in all)")
+                    board.scalars(self.step, {"skipped_steps": self.skipped_steps})
+                    if consecutive_bad >= cfg.train.max_bad_steps:
+                        latest = latest_checkpoint(self.run_dir)
+                        log.error(f"stopping: {consecutive_bad} consecutive non-finite steps "
+                                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); the latest good checkpoint "
+                                  f"is {latest or 'none'}; lower optim.lr or check the data")
+                        return EXIT_DIVERGED
+                else:
+                    consecutive_bad = 0
+
+                if self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_sec = self.tokens_per_step * window_steps / elapsed
+                    mfu = tokens_per_sec * self.flops_per_token / (self.peak_flops * info.world_size)
+                    eta = (time.perf_counter() - run_start) / (self.step - run_start_step) * (cfg.train.steps - self.step)
+                    lr = lr_at(self.step - 1, cfg)
+                    mem = memory_gib(self.device)
+                    log.info(f"step {self.step}/{cfg.train.steps} | loss {loss:.4f} | lr {lr:.3e} | "
+                             f"grad norm {norm:.3f} | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
+                             f"mem {mem:.2f} GiB | ETA {format_duration(eta)}")
+                    board.scalars(self.step, {
+                        "loss/train": loss, "lr": lr, "grad_norm": norm,
+                        "throughput/tokens_per_sec": tokens_per_sec, "mfu": mfu, "memory": mem,
+                        "skipped_steps": self.skipped_steps})
+                    window_start, window_steps = time.perf_counter(), 0
+
+                if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.steps):
+                    val = self.validate()
+                    log.info(f"step {self.step} | val loss {val['loss']:.4f} | val perplexity {val['perplexity']:.2f}")
+                    board.scalars(self.step, {"loss/val": val["loss"], "perplexity/val": val["perplexity"]})
+                    window_start = time.perf_counter()  # validation time is not training throughput
+
+                if stop_now:
+                    if last_saved != self.step:
+                        self.save()
+                    if info.is_rank0:
+                        (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
+                    log.warning(f"received {stop.received or 'a stop signal on another rank'}: saved step "
+                                f"{self.step}; exiting with {EXIT_PREEMPTED} so the job can be requeued")
+                    return EXIT_PREEMPTED
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self.save()
+                    last_saved = self.step
+            if last_saved != self.step:
+                self.save()
+            log.info(f"done: {self.step} steps, {self.tokens_seen:,} tokens, {self.skipped_steps} skipped; "
+                     f"checkpoints in {self.run_dir / 'checkpoints'}")
+            return 0
+        finally:
+            board.close()
+
+
+def train(cfg: Config) -> int:
+    info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device)
+    try:
+        validate(cfg, world_size=info.world_size)
+        run_dir = Path(cfg.train.run_dir)
+        if info.is_rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        distributed.barrier()
+        trainer = Trainer(cfg, info)
+        trainer.resume()
+        return trainer.run()
+    finally:
+        distributed.shutdown()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Check the config and open the data as the ranks will, before any rank starts."""
+    from llama_dist.loader import TokenLoader
+
+    validate(cfg, world_size=world_size)
+    dp_size = world_size // cfg.parallel.mp
+    for split in ("train", "val") if cfg.train.eval_interval else ("train",):
+        TokenLoader(cfg.data.dir, split, cfg.data.seq_len, cfg.data.micro_batch_size, 0, dp_size,
+                    seed=cfg.data.seed, expected_vocab_size=cfg.model.vocab_size)
+
+
+
+def cli(argv: list[str]) -> int:
+    from llama_dist.launcher import relaunch, under_torchrun
+
+    parser = argparse.ArgumentParser(prog="llama-dist train", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="a YAML file or a bundled name (tiny, small, llama2-7b, ...)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 parallel.mp=2")
+    parser.add_argument("--nproc", type=int, default=1, help="local processes; >1 starts torchrun")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)  # fail fast, before starting any process
+    if args.nproc > 1 and not under_torchrun():
+        preflight(cfg, world_size=args.nproc)  # one clean error line here, not one per rank
+        marker = Path(cfg.train.run_dir) / PREEMPTED_MARKER
+        code = relaunch("llama_dist.train", [args.config, *args.overrides], args.nproc)
+        # torchrun reports any worker failure as 1; the marker says it was a preemption save
+        return EXIT_PREEMPTED if code != 0 and marker.is_file() else code
+    return train(cfg)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from llama_dist.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

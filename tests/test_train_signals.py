@@ -1,0 +1,89 @@
+"""Real processes, real signals: preemption saves and exits 75; a rank killed while a
+checkpoint is being written leaves the previous checkpoint as the one resumed from."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from llama_dist.checkpoint import committed_checkpoints, is_committed
+from llama_dist.train import EXIT_PREEMPTED, PREEMPTED_MARKER
+from test_train import TINY
+
+
+def _command(data_dir, run_dir, *extra, nproc=1):
+    return [sys.executable, "-m", "llama_dist.train", "tiny", *TINY, f"data.dir={data_dir}",
+            f"train.run_dir={run_dir}", *extra, "--nproc", str(nproc)]
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _run_until_step(cmd, step, timeout=120):
+    """Start training and return the process once it has logged `step N/`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    deadline = time.monotonic() + timeout
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if f"step {step}/" in line:
+            return proc, lines
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError("training never reached step %d:\n%s" % (step, "".join(lines)))
+
+
+def _finish(proc, lines, timeout=120):
+    out, _ = proc.communicate(timeout=timeout)
+    return "".join(lines) + out
+
+
+def test_sigterm_saves_and_exits_with_the_preempted_code(data_dir, tmp_path):
+    run = tmp_path / "run"
+    proc, lines = _run_until_step(_command(data_dir, run, "train.steps=100000"), 3)
+    proc.send_signal(signal.SIGTERM)
+    output = _finish(proc, lines)
+    assert proc.returncode == EXIT_PREEMPTED, output
+    saved = json.loads((run / PREEMPTED_MARKER).read_text())["step"]
+    assert [step for step, _ in committed_checkpoints(run)] == [saved]
+    assert saved >= 3 and "received SIGTERM" in output
+    # the next start resumes exactly there and clears the marker
+    resumed = subprocess.run(_command(data_dir, run, f"train.steps={saved + 2}"),
+                             capture_output=True, text=True, env=_env(), timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"at step {saved}" in resumed.stdout and f"step {saved + 1}/" in resumed.stdout
+    assert not (run / PREEMPTED_MARKER).exists()
+
+
+def test_sigusr1_to_the_launcher_reaches_both_torchrun_ranks(data_dir, tmp_path):
+    run = tmp_path / "run"
+    proc, lines = _run_until_step(_command(data_dir, run, "train.steps=100000", "parallel.mp=2", nproc=2), 2)
+    # SLURM's signal: the launcher turns it into the SIGTERM that torchrun passes to its ranks
+    proc.send_signal(signal.SIGUSR1)
+    output = _finish(proc, lines)
+    assert proc.returncode == EXIT_PREEMPTED, output
+    saved = json.loads((run / PREEMPTED_MARKER).read_text())["step"]
+    ckpt = committed_checkpoints(run)[-1][1]
+    assert ckpt.name == f"step-{saved:06d}"
+    assert sorted(p.name for p in ckpt.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+
+
+def test_rank_killed_while_saving_leaves_the_previous_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    cmd = _command(data_dir, run, "train.steps=6", "checkpoint.interval=2", "parallel.mp=2", nproc=2)
+    crashed = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                             env=_env(LLAMA_DIST_FAULT_KILL="save:4:1"))
+    assert crashed.returncode != 0
+    partial = run / "checkpoints" / "step-000004"
+    assert partial.is_dir() and not is_committed(partial)  # rank 1 died mid-save
+    assert [step for step, _ in committed_checkpoints(run)] == [2]
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "step-000002 at step 2" in resumed.stdout
+    assert [step for step, _ in committed_checkpoints(run)][-1] == 6
