@@ -73,8 +73,8 @@ def demo(root: Path, steps: int, max_bytes: int, prompt: str, max_gen_len: int) 
     stage(5, f"generate from the prompt {prompt!r}")
     llama = Llama.build(str(single), str(single / "tokenizer.model"), max_seq_len=cfg.model.max_seq_len,
                         max_batch_size=1, model_parallel_size=1)
-    result = llama.text_completion([prompt], temperature=0.8, top_p=0.95, max_gen_len=max_gen_len)[0]
-    print("-" * 60 + f"\n{prompt}{result['generation']}\n" + "-" * 60)
+    result = llama.text_completion([prompt], temperature=0.8, top_p=0.95, max_gen_len=max_gen_len, echo=True)[0]
+    print("-" * 60 + f"\n{result['generation']}\n" + "-" * 60)
 
     elapsed = time.perf_counter() - start
     overrides_text = " ".join(shlex.quote(o) for o in overrides[:3])

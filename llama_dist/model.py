@@ -122,7 +122,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, init_out: Callable):
+    def __init__(self, args: ModelArgs, init_in: Callable, init_out: Callable):
         super().__init__()
         mp = fs_init.get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // mp
@@ -130,11 +130,11 @@ class Attention(nn.Module):
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
         self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False,
-                                       gather_output=False, init_method=init_normal)
+                                       gather_output=False, init_method=init_in)
         self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False,
-                                       gather_output=False, init_method=init_normal)
+                                       gather_output=False, init_method=init_in)
         self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False,
-                                       gather_output=False, init_method=init_normal)
+                                       gather_output=False, init_method=init_in)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False,
                                     input_is_parallel=True, init_method=init_out)
         self.cache_k: Optional[torch.Tensor] = None
@@ -179,25 +179,25 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int, init_out: Callable):
+    def __init__(self, dim: int, hidden_dim: int, init_in: Callable, init_out: Callable):
         super().__init__()
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
-                                       init_method=init_normal)
+                                       init_method=init_in)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True,
                                     init_method=init_out)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
-                                       init_method=init_normal)
+                                       init_method=init_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs, init_out: Callable):
+    def __init__(self, layer_id: int, args: ModelArgs, init_in: Callable, init_out: Callable):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args, init_out)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, init_out)
+        self.attention = Attention(args, init_in, init_out)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, init_in, init_out)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -206,13 +206,18 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _leave_uninitialised(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
 def init_normal(weight: torch.Tensor, std: float = INIT_STD) -> torch.Tensor:
     # nn.init works under no_grad, so it is safe on fairscale's mp=1 Parameter too
     return nn.init.normal_(weight, mean=0.0, std=std)
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, init_weights: bool = True):
+        """init_weights=False skips drawing random weights, for a model a checkpoint will fill."""
         super().__init__()
         self.args = args
         self.vocab_size = args.vocab_size
@@ -220,13 +225,14 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
         # GPT-2's scaling: the projections into the residual stream shrink with depth
         out_std = INIT_STD / math.sqrt(2 * args.n_layers)
-        init_out = lambda w: init_normal(w, out_std)  # noqa: E731
+        init_out = (lambda w: init_normal(w, out_std)) if init_weights else _leave_uninitialised
+        init_in = init_normal if init_weights else _leave_uninitialised
 
         embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
-        self.tok_embeddings = embedding(args.vocab_size, args.dim, init_method=init_normal)
-        self.layers = nn.ModuleList(TransformerBlock(i, args, init_out) for i in range(args.n_layers))
+        self.tok_embeddings = embedding(args.vocab_size, args.dim, init_method=init_in)
+        self.layers = nn.ModuleList(TransformerBlock(i, args, init_in, init_out) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=init_normal)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=init_in)
         # positions up to 2 * max_seq_len, as Meta precomputes; not saved in checkpoints
         self.register_buffer("rope", precompute_rope(args.head_dim, args.max_seq_len * 2, args.theta),
                              persistent=False)
