@@ -1,0 +1,167 @@
+"""Reshard a ~1B-parameter checkpoint, next to a plain copy of its files.
+
+    python bench/bench_reshard.py                  # dim 2048, 18 layers, vocab 32000: 1.06B, 3.9 GiB fp32
+    python bench/bench_reshard.py --dir /scratch --layers 8 --keep
+
+Writes a synthetic mp=2 checkpoint (random tensors in Meta's names and shard
+shapes, no model built), then times in child processes, each after an `os.sync()`:
+a copy of its files (shutil.copytree), `llama-dist reshard` 2 -> 1 and 1 -> 2.
+Peak RSS is each child's own ru_maxrss (os.wait4); this parent never imports torch,
+because a child's ru_maxrss starts from the parent's resident set at fork. Goal of
+issue 5: time <= 2x the copy, peak RSS <= half the checkpoint's size. Deletes
+everything it wrote unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GiB = 2**30
+
+
+def meta_shapes(args) -> dict[str, tuple[int, ...]]:
+    """Full weight shapes in Meta's key order (what Transformer(args).state_dict() holds)."""
+    d, q, kv, ffn = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes |= {p + "attention.wq.weight": (q, d), p + "attention.wk.weight": (kv, d),
+                   p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, q),
+                   p + "feed_forward.w1.weight": (ffn, d), p + "feed_forward.w2.weight": (d, ffn),
+                   p + "feed_forward.w3.weight": (ffn, d), p + "attention_norm.weight": (d,),
+                   p + "ffn_norm.weight": (d,)}
+    return shapes | {"norm.weight": (d,), "output.weight": (args.vocab_size, d)}
+
+
+def write_synthetic(ckpt: Path, args, mp: int) -> None:
+    import torch
+
+    from llama_dist.meta_format import shard_dim, shard_file, write_params
+
+    ckpt.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for rank in range(mp):
+        shard = {}
+        for key, shape in meta_shapes(args).items():
+            dim, local = shard_dim(key, args), list(shape)
+            if dim is None:
+                shard[key] = torch.ones(shape)  # replicated norms must be equal on every shard
+                continue
+            local[dim] //= mp
+            shard[key] = torch.randn(local, generator=generator).mul_(0.02)
+        torch.save(shard, ckpt / shard_file(rank))
+        del shard
+    write_params(ckpt, args)
+
+
+def run_child(cmd: list[str]) -> tuple[float, float, int, float]:
+    """(seconds, seconds until the data is on disk, peak RSS in bytes, CPU seconds) of one child."""
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    os.sync()
+    # ru_maxrss is in KiB on Linux; CPU time counts every thread and does not depend on other load
+    return elapsed, time.perf_counter() - start, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+
+
+def same_tensors(a: Path, b: Path, mp: int) -> bool:
+    import torch
+
+    from llama_dist.meta_format import shard_file
+
+    for rank in range(mp):
+        x = torch.load(a / shard_file(rank), mmap=True, weights_only=True)
+        y = torch.load(b / shard_file(rank), mmap=True, weights_only=True)
+        if list(x) != list(y) or not all(torch.equal(x[k], y[k]) for k in x):
+            return False
+    return True
+
+
+def n_params(dim: int, layers: int, vocab: int, multiple_of: int = 256) -> int:
+    """Parameters of a Llama 2-shaped model (no GQA), as count_parameters counts them, without torch."""
+    ffn = multiple_of * ((int(2 * 4 * dim / 3) + multiple_of - 1) // multiple_of)
+    return layers * (4 * dim * dim + 3 * dim * ffn + 2 * dim) + dim + 2 * vocab * dim
+
+
+def child_main(argv: list[str]) -> None:
+    """The parts that need torch, run in a child: `_write DIR dim layers heads vocab` or `_compare A B`."""
+    if argv[0] == "_write":
+        from llama_dist.model import ModelArgs
+
+        dim, layers, heads, vocab = map(int, argv[2:6])
+        write_synthetic(Path(argv[1]), ModelArgs(dim=dim, n_layers=layers, n_heads=heads, vocab_size=vocab), mp=2)
+    else:
+        ok = same_tensors(Path(argv[1]), Path(argv[2]), 2)
+        print(f"round trip 2 -> 1 -> 2 bit for bit: {ok}")
+        sys.exit(0 if ok else 1)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("_write", "_compare"):
+        return child_main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (default: the temp dir)")
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=18)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    opts = parser.parse_args()
+
+    free, layers = shutil.disk_usage(opts.dir).free, opts.layers
+    # the mp=2 source, its copy (deleted after timing), the mp=1 and mp=2 results, plus slack
+    while layers > 1 and 3.5 * 4 * n_params(opts.dim, layers, opts.vocab) > free:
+        layers -= 1
+    if layers != opts.layers:
+        print(f"note: only {free / GiB:.1f} GiB free in {opts.dir}; scaled down to {layers} layers")
+    root = Path(tempfile.mkdtemp(prefix="bench_reshard-", dir=opts.dir))
+    python, me = sys.executable, str(Path(__file__).resolve())
+    try:
+        src, copy, mp1, mp2 = (root / name for name in ("mp2", "copy", "mp1", "mp2-again"))
+        written = run_child([python, me, "_write", str(src), str(opts.dim), str(layers), str(opts.heads),
+                             str(opts.vocab)])[0]
+        size = sum(p.stat().st_size for p in src.iterdir())
+        print(f"checkpoint: {n_params(opts.dim, layers, opts.vocab) / 1e9:.2f}B parameters (dim {opts.dim}, "
+              f"{layers} layers, vocab {opts.vocab}), fp32 mp=2, {size / GiB:.2f} GiB; written in {written:.0f}s")
+
+        floor = run_child([python, "-c", "import llama_dist.reshard"])
+        rows = [("copy (shutil.copytree)", run_child(
+            [python, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])", str(src), str(copy)]))]
+        shutil.rmtree(copy)
+        cli = [python, "-m", "llama_dist.cli", "reshard"]
+        rows.append(("reshard 2 -> 1", run_child(cli + [str(src), str(mp1), "--mp", "1"])))
+        rows.append(("reshard 1 -> 2", run_child(cli + [str(mp1), str(mp2), "--mp", "2"])))
+
+        copy_s, copy_synced = rows[0][1][:2]
+        print(f"\n{'':24} {'seconds':>8} {'x copy':>7} {'+sync s':>8} {'x copy':>7} {'net x':>6} {'CPU s':>6} "
+              f"{'peak RSS':>10} {'/ size':>7}")
+        for index, (name, (seconds, synced, rss, cpu)) in enumerate(rows):
+            net = (seconds - floor[0] * (index > 0)) / copy_s  # less the python + torch start-up
+            print(f"{name:24} {seconds:8.1f} {seconds / copy_s:7.2f} {synced:8.1f} {synced / copy_synced:7.2f} "
+                  f"{net:6.2f} {cpu:6.1f} {rss / GiB:8.2f} G {rss / size:7.1%}")
+        print(f"('+sync': until os.sync() returns. The reshard times include starting python and importing "
+              f"torch: {floor[0]:.1f}s, {floor[3]:.1f} CPU s, {floor[2] / GiB:.2f} GiB peak RSS on its own.)")
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(f"goal: reshard <= 2x copy time, peak RSS <= {size / 2 / GiB:.2f} GiB (half the checkpoint)")
+        subprocess.run([python, me, "_compare", str(src), str(mp2)], check=True)
+    finally:
+        if opts.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

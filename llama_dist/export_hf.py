@@ -1,0 +1,238 @@
+"""`llama-dist export-hf CKPT OUT`: a checkpoint as a transformers LlamaForCausalLM directory.
+
+The weights are merged from any number of shards one tensor at a time
+(`reshard.iter_merged_tensors`), renamed to transformers' keys, and the rows of wq
+and wk reordered from Meta's rotary layout to transformers'. They are written as
+safetensors, in pieces of at most `max_shard_bytes` with an index when the model is
+bigger than that, next to config.json and the sentencepiece tokenizer. Everything
+goes into a temporary sibling of OUT, renamed into place at the end.
+
+    llama-dist export-hf runs/tiny/checkpoints/step-001000 hf/tiny
+    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('hf/tiny')"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import yaml
+
+from llama_dist.distributed import get_logger
+from llama_dist.errors import UserError
+from llama_dist.meta_format import TOKENIZER_FILE, read_params
+from llama_dist.model import ModelArgs
+from llama_dist.reshard import CONFIG_FILE, DTYPES, PathLike, iter_merged_tensors, parse_dtype, staged_directory
+
+MAX_SHARD_BYTES = 2 << 30  # one safetensors file is held in memory while it is written
+LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+
+log = get_logger("llama_dist.export_hf")
+
+
+def hf_name(key: str) -> str:
+    """Meta's parameter name -> transformers' LlamaForCausalLM name."""
+    if key in TOP_NAMES:
+        return TOP_NAMES[key]
+    layer, name = LAYER_KEY.match(key).groups()
+    return f"model.layers.{layer}.{LAYER_NAMES[name]}.weight"
+
+
+def to_hf_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder each head's rows of wq or wk for transformers' rotary layout.
+
+    Meta rotates interleaved pairs (q0,q1), (q2,q3), ...; transformers rotates
+    halves, pairing q_i with q_{i + head_dim/2}. Putting each head's even rows first
+    and its odd rows second turns one into the other; attention scores, summed over
+    all of a head's dimensions, do not see the order.
+    """
+    rows, dim = weight.shape
+    head_dim = rows // heads
+    return weight.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def _load_tokenizer(ckpt: Path):
+    """The sentencepiece model beside the shards, or None; warns where transformers will differ."""
+    path = ckpt / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"{path} is not a sentencepiece model ({err})") from None
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+        spec = proto.normalizer_spec
+    except Exception:  # noqa: BLE001 - the check is advisory; protobuf may be missing
+        return sp
+    # transformers' LlamaTokenizer applies no normalisation, as Meta's tokenizer was trained
+    if spec.name != "identity" or spec.remove_extra_whitespaces:
+        log.warning(f"export-hf: {path} normalises text ({spec.name}, remove_extra_whitespaces="
+                    f"{spec.remove_extra_whitespaces}); transformers' LlamaTokenizer will not, so their ids can differ")
+    return sp
+
+
+def _special_ids(sp) -> dict[str, Optional[int]]:
+    """bos/eos/unk ids from the tokenizer; Meta's 1/2/0 when there is none."""
+    if sp is None:
+        return {"bos": 1, "eos": 2, "unk": 0}
+    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    return {name: (i if i >= 0 else None) for name, i in ids.items()}  # -1: the model has none
+
+
+def _max_positions(ckpt: Path, args: ModelArgs) -> int:
+    """The context the model was trained for: config.yaml's model.max_seq_len, if the run saved one."""
+    if (ckpt / CONFIG_FILE).is_file():
+        config = yaml.safe_load((ckpt / CONFIG_FILE).read_text()) or {}
+        seq_len = (config.get("model") or {}).get("max_seq_len") if isinstance(config, dict) else None
+        if isinstance(seq_len, int) and seq_len > 0:
+            return seq_len
+    return args.max_seq_len
+
+
+def hf_config(args: ModelArgs, vocab_size: int, dtype: torch.dtype, max_positions: int,
+              special: dict) -> dict:
+    """config.json; norm_eps and rope_theta spelled out, since transformers' defaults differ."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "num_hidden_layers": args.n_layers,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.theta,  # transformers < 5 reads this key
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.theta},  # and >= 5 this one
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+        "bos_token_id": special["bos"],
+        "eos_token_id": special["eos"],
+    }
+
+
+def _tokenizer_config(sp, special: dict, max_positions: int) -> dict:
+    piece = lambda name: sp.id_to_piece(special[name]) if special[name] is not None else None  # noqa: E731
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": piece("bos"),
+        "eos_token": piece("eos"),
+        "unk_token": piece("unk"),
+        "pad_token": None,
+        "add_bos_token": True,  # as Meta's generation encodes prompts: bos, no eos
+        "add_eos_token": False,
+        "model_max_length": max_positions,
+        "clean_up_tokenization_spaces": False,
+        "legacy": True,  # transformers 4's slow tokenizer then calls sentencepiece as it is
+    }
+
+
+def _write_weights(out: Path, args: ModelArgs, tensors, dtype: Optional[torch.dtype],
+                   max_shard_bytes: int) -> tuple[int, torch.dtype]:
+    """Meta-named tensors -> transformers-named safetensors files; (vocabulary size, dtype)."""
+    from safetensors.torch import save_file
+
+    piece: dict[str, torch.Tensor] = {}  # only the file being filled is held in memory
+    names: list[list[str]] = [[]]  # the transformers names in each file
+    piece_bytes = total_bytes = vocab_size = 0
+    written = torch.float32
+    for key, tensor in tensors:
+        if key.endswith("attention.wq.weight"):
+            tensor = to_hf_rotary(tensor, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            tensor = to_hf_rotary(tensor, args.kv_heads)
+        elif key == "output.weight":
+            vocab_size = tensor.shape[0]
+        # a fresh contiguous tensor each: safetensors refuses views that share storage
+        tensor = tensor.to(dtype or tensor.dtype, copy=True).contiguous()
+        written, nbytes = tensor.dtype, tensor.numel() * tensor.element_size()
+        if piece and piece_bytes + nbytes > max_shard_bytes:
+            save_file(piece, out / f"part-{len(names) - 1}", metadata={"format": "pt"})
+            piece, piece_bytes = {}, 0
+            names.append([])
+        piece[hf_name(key)] = tensor
+        names[-1].append(hf_name(key))
+        piece_bytes += nbytes
+        total_bytes += nbytes
+    save_file(piece, out / f"part-{len(names) - 1}", metadata={"format": "pt"})
+    del piece
+
+    if len(names) == 1:
+        (out / "part-0").rename(out / "model.safetensors")
+        return vocab_size, written
+    weight_map = {}
+    for index, piece_names in enumerate(names):
+        file_name = f"model-{index + 1:05d}-of-{len(names):05d}.safetensors"
+        (out / f"part-{index}").rename(out / file_name)
+        weight_map |= {name: file_name for name in piece_names}
+    index_json = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+    return vocab_size, written
+
+
+def export_hf(ckpt_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype, None] = None,
+              force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `ckpt_dir` (any model-parallel size) to `out_dir` as a LlamaForCausalLM directory."""
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        raise UserError("export-hf needs the safetensors package: pip install safetensors") from None
+    dtype = parse_dtype(dtype)
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint directory {ckpt} does not exist")
+    args = read_params(ckpt)
+    max_positions = _max_positions(ckpt, args)
+    sp = _load_tokenizer(ckpt)
+    special = _special_ids(sp)
+
+    with staged_directory(out_dir, force) as tmp:
+        vocab_size, written = _write_weights(tmp, args, iter_merged_tensors(ckpt), dtype, max_shard_bytes)
+        config = hf_config(args, vocab_size, written, max_positions, special)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": special["bos"], "eos_token_id": special["eos"]}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if sp is not None:
+            if sp.get_piece_size() != vocab_size:
+                log.warning(f"export-hf: the tokenizer has {sp.get_piece_size()} pieces but the model's "
+                            f"vocabulary is {vocab_size}")
+            (tmp / TOKENIZER_FILE).write_bytes((ckpt / TOKENIZER_FILE).read_bytes())
+            tokenizer_config = _tokenizer_config(sp, special, max_positions)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llama-dist export-hf",
+                                     description="Write a transformers LlamaForCausalLM directory.")
+    parser.add_argument("ckpt", help="checkpoint directory (any model-parallel size)")
+    parser.add_argument("out", help="new directory (must not exist or be empty, unless --force)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: as saved)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT once the new one is complete")
+    args = parser.parse_args(argv)
+    export_hf(args.ckpt, args.out, dtype=args.dtype, force=args.force)
+    print(f"exported {args.ckpt} -> {args.out} (load with LlamaForCausalLM.from_pretrained('{args.out}'))")
+    return 0

@@ -1,0 +1,621 @@
+"""Change a checkpoint's model-parallel size: MP=N shards in, MP=M shards out.
+
+Each weight is merged or split on its shard dimension (`meta_format.shard_dim`),
+tensor by tensor. Sources are memory-mapped and re-mapped every REMAP_BYTES, so
+pages already read leave the resident set; each destination file is a torch.save
+skeleton whose tensor bytes are then written in place block by block, so no
+destination shard is ever held whole. Peak memory stays at a few hundred MiB over
+the interpreter's, whatever the checkpoint's size.
+
+Everything goes into a temporary sibling of DST, renamed into place at the end;
+SRC is only read, and every check runs before the first byte is written. The
+training state follows the weights: optimizer moments are split like their
+parameters, train_state.json and config.yaml get the new mp, rng files (one per
+rank of the old world) are dropped, and a fresh manifest and COMMITTED close it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import re
+import secrets
+import shutil
+import struct
+import time
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+import yaml
+
+from llama_dist.distributed import get_logger
+from llama_dist.errors import UserError
+from llama_dist.meta_format import atomic_write_text, load_shard, read_params, shard_dim, shard_file, shard_paths
+from llama_dist.model import ModelArgs
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CHUNK_BYTES = 32 << 20  # the most of one destination tensor assembled at once
+REMAP_BYTES = 256 << 20  # source bytes read before the source mappings are dropped
+TRAIN_STATE, CONFIG_FILE, MANIFEST, COMMITTED = "train_state.json", "config.yaml", "manifest.json", "COMMITTED"
+OPTIMIZER_FILE = re.compile(r"^optimizer\.\d+\.pt$")
+OPTIMIZER_KEY = re.compile(r"^(exp_avg|exp_avg_sq|step)/(.+)$")
+# rng files hold a generator per global rank of the old world; checklist.chk (in Meta's
+# releases) holds md5s of the old shards: neither is true after a reshard
+STALE_FILE = re.compile(r"^(rng\.\d+\.pt|checklist\.chk|.*\.tmp)$")
+# Llama 1's rotary table: every loader recomputes it, and ours loads strictly
+DROPPED_KEYS = frozenset({"rope.freqs"})
+# torch.save can leave storage bytes as holes to fill in later (torch >= 2.5)
+_STREAMING_SAVE = hasattr(torch.serialization, "skip_data")
+
+log = get_logger("llama_dist.reshard")
+PathLike = Union[str, os.PathLike]
+
+# --------------------------------------------------------------------------- what SRC holds
+
+
+@dataclass
+class _Sharded:
+    """One kind of per-rank file (model shards or optimizer states), alike on every rank."""
+
+    paths: list[Path]
+    load: Callable[[Path], dict[str, torch.Tensor]]
+    shapes: dict[str, torch.Size]  # one rank's shape, in the first file's key order
+    dtypes: dict[str, torch.dtype]
+    dims: dict[str, Optional[int]]  # the shard dimension; None: replicated
+
+    def full_shape(self, key: str) -> tuple[int, ...]:
+        shape, dim = list(self.shapes[key]), self.dims[key]
+        if dim is not None:
+            shape[dim] *= len(self.paths)
+        return tuple(shape)
+
+
+@dataclass
+class _Model:
+    args: ModelArgs
+    weights: _Sharded
+    vocab_size: int
+    dropped: list[str]  # keys left out (rope.freqs)
+
+
+def _read_sharded(paths: list[Path], load: Callable) -> tuple[dict, dict, set]:
+    """Shapes and dtypes of every rank's file, checked equal across ranks; and the keys left out."""
+    shapes, dtypes, ignored, first = {}, {}, set(), paths[0].name
+    for index, path in enumerate(paths):
+        state = load(path)  # memory-mapped: only the pickled metadata is read here
+        ignored |= DROPPED_KEYS & state.keys()
+        here = {k: (v.shape, v.dtype) for k, v in state.items() if k not in DROPPED_KEYS}
+        del state
+        if index == 0:
+            shapes, dtypes = {k: s for k, (s, _) in here.items()}, {k: d for k, (_, d) in here.items()}
+            continue
+        for key in sorted(shapes.keys() ^ here.keys()):
+            which = f"lacks '{key}' that {first} has" if key in shapes else f"has '{key}' that {first} lacks"
+            raise UserError(f"{path.name} {which}; the shards do not come from one checkpoint")
+        for key, (shape, dtype) in here.items():
+            if (shape, dtype) != (shapes[key], dtypes[key]):
+                raise UserError(f"'{key}' is {tuple(shape)} {dtype} in {path.name} but {tuple(shapes[key])} "
+                                f"{dtypes[key]} in {first}; every shard of a checkpoint has the same shapes")
+    return shapes, dtypes, ignored
+
+
+def _expected_shapes(args: ModelArgs, vocab: int) -> dict[str, tuple[int, ...]]:
+    """The full (unsharded) shape of every weight that params.json implies."""
+    d, q, kv, ffn = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    per_layer = {"attention.wq": (q, d), "attention.wk": (kv, d), "attention.wv": (kv, d), "attention.wo": (d, q),
+                 "feed_forward.w1": (ffn, d), "feed_forward.w2": (d, ffn), "feed_forward.w3": (ffn, d),
+                 "attention_norm": (d,), "ffn_norm": (d,)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (vocab, d)}
+    for i in range(args.n_layers):
+        shapes |= {f"layers.{i}.{name}.weight": shape for name, shape in per_layer.items()}
+    return shapes | {"norm.weight": (d,), "output.weight": (vocab, d)}
+
+
+def _inspect_model(ckpt_dir: Path) -> _Model:
+    """params.json and the shards, checked against each other."""
+    paths = shard_paths(ckpt_dir)  # first: it says so when the directory does not exist
+    args = read_params(ckpt_dir)
+    shapes, dtypes, dropped = _read_sharded(paths, load_shard)
+    weights = _Sharded(paths, load_shard, shapes, dtypes, {k: shard_dim(k, args) for k in shapes})
+    # Llama 2's params.json says vocab_size -1: the vocabulary is whatever the output layer has
+    vocab = args.vocab_size
+    if vocab <= 0 and "output.weight" in shapes:
+        vocab = weights.full_shape("output.weight")[0]
+    expected = _expected_shapes(args, vocab)
+    where = f"params.json (n_layers={args.n_layers}) does not belong to these shards"
+    for key in (k for k in expected if k not in shapes):
+        raise UserError(f"the shards lack '{key}'; {where}")
+    for key in (k for k in shapes if k not in expected):
+        raise UserError(f"the shards hold '{key}', which the model has no place for; {where}")
+    for key, shape in expected.items():
+        if weights.full_shape(key) != shape:
+            raise UserError(f"'{key}' merges to {weights.full_shape(key)} over {len(paths)} shards "
+                            f"but params.json implies {shape}; {where}")
+    return _Model(args, weights, vocab, sorted(dropped))
+
+
+def _check_divisible(model: _Model, mp: int) -> None:
+    """Every split dimension must divide by M, as fairscale asserts when it builds the layers."""
+    args = model.args
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "the FFN width": args.ffn_hidden_dim,
+             "vocab_size": model.vocab_size}
+    if not args.vocab_parallel_embedding:  # Llama 2's ParallelEmbedding splits the model dimension
+        sizes["dim"] = args.dim
+    if mp < 1:
+        raise UserError(f"--mp must be at least 1, got {mp}")
+    for name, size in sizes.items():
+        if size % mp:
+            common = math.gcd(*sizes.values())
+            valid = ", ".join(str(m) for m in range(1, common + 1) if common % m == 0)
+            raise UserError(f"--mp {mp} does not divide {name}={size}; valid --mp values for this model: {valid}")
+
+
+def _load_optimizer(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle and zip errors alike mean a bad file
+        raise UserError(f"{path} is not a readable torch file ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and OPTIMIZER_KEY.match(k) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"{path} is not an optimizer state as docs/checkpoint-format.md describes "
+                        f"(a flat dict of exp_avg/, exp_avg_sq/ and step/ tensors)")
+    return state
+
+
+def _inspect_optimizer(ckpt_dir: Path, model: _Model) -> Optional[_Sharded]:
+    """The optimizer.NN.pt files, one per model shard, each moment shaped like its weight's shard."""
+    found = sorted(p for p in ckpt_dir.iterdir() if OPTIMIZER_FILE.match(p.name))
+    n = len(model.weights.paths)
+    paths = [ckpt_dir / f"optimizer.{rank:02d}.pt" for rank in range(n)]
+    if not found:
+        return None
+    if found != paths:
+        raise UserError(f"{ckpt_dir} has {', '.join(p.name for p in found)} but {n} model shards; "
+                        f"expected optimizer.00.pt .. optimizer.{n - 1:02d}.pt, one per shard")
+    shapes, dtypes, _ = _read_sharded(paths, _load_optimizer)
+    dims: dict[str, Optional[int]] = {}
+    for key, shape in shapes.items():
+        kind, name = OPTIMIZER_KEY.match(key).groups()
+        if name not in model.weights.shapes:
+            raise UserError(f"{paths[0].name} has '{key}' for a weight the model does not have")
+        if kind != "step" and shape != model.weights.shapes[name]:
+            raise UserError(f"'{key}' is {tuple(shape)} in {paths[0].name} but its weight is "
+                            f"{tuple(model.weights.shapes[name])}; the optimizer state belongs to another model")
+        dims[key] = None if kind == "step" else model.weights.dims[name]
+    return _Sharded(paths, _load_optimizer, shapes, dtypes, dims)
+
+
+def _training_texts(src: Path, n: int, mp: int) -> dict[str, str]:
+    """train_state.json and config.yaml with the new mp, prepared before anything is written."""
+    texts = {}
+    if (src / TRAIN_STATE).exists():
+        if not (src / COMMITTED).exists():
+            raise UserError(f"{src} has no {COMMITTED} marker: an incomplete checkpoint (a run stopped "
+                            f"while saving); reshard a committed one")
+        try:
+            state = json.loads((src / TRAIN_STATE).read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{src / TRAIN_STATE} is not valid JSON ({err})") from None
+        if state.get("mp", n) != n:
+            raise UserError(f"{src / TRAIN_STATE} says mp={state['mp']} but {src} holds {n} shards; "
+                            f"the checkpoint is inconsistent")
+        # same data parallelism on M * dp processes; a different launch is the trainer's to reconcile
+        state["mp"], state["world_size"] = mp, int(state.get("dp", 1)) * mp
+        texts[TRAIN_STATE] = json.dumps(state, indent=2) + "\n"
+    if (src / CONFIG_FILE).exists():
+        config = yaml.safe_load((src / CONFIG_FILE).read_text()) or {}
+        if not isinstance(config, dict) or not isinstance(config.setdefault("parallel", {}), dict):
+            raise UserError(f"{src / CONFIG_FILE} is not a config of sections; fix or remove it")
+        config["parallel"]["mp"] = mp
+        texts[CONFIG_FILE] = yaml.safe_dump(config, sort_keys=False)
+    return texts
+
+
+# --------------------------------------------------------------------------- reading pieces
+
+
+class _MappedSources:
+    """The source files of one kind, memory-mapped on demand.
+
+    Pages read through a mapping stay in the resident set until it is unmapped, so
+    after REMAP_BYTES the mappings are dropped (and remade when next needed: a pickle
+    parse, not a read).
+    """
+
+    def __init__(self, files: _Sharded):
+        self.files, self._states, self._read = files, {}, 0
+
+    def tensors(self, key: str) -> list[torch.Tensor]:
+        for rank, path in enumerate(self.files.paths):
+            if rank not in self._states:
+                self._states[rank] = self.files.load(path)
+        return [self._states[rank][key] for rank in range(len(self.files.paths))]
+
+    def account(self, nbytes: int) -> None:
+        self._read += nbytes
+        if self._read >= REMAP_BYTES:
+            self._states, self._read = {}, 0
+
+
+def _check_replicated(key: str, tensors: list[torch.Tensor], paths: list[Path]) -> None:
+    for path, tensor in zip(paths[1:], tensors[1:]):
+        if not torch.equal(tensor, tensors[0]):
+            diff = (tensor.float() - tensors[0].float()).abs().max().item()
+            raise UserError(f"'{key}' is replicated but differs between {paths[0].name} and {path.name} "
+                            f"(max |diff| {diff:.3g}); the shards do not come from one checkpoint")
+
+
+def _row_blocks(parts: list[torch.Tensor], dim: int) -> Iterator[torch.Tensor]:
+    """The parts joined on `dim`, as blocks of whole rows of at most CHUNK_BYTES."""
+    if parts[0].dim() == 0:
+        yield parts[0]
+        return
+    row_bytes = sum(part[0].numel() for part in parts) * parts[0].element_size()
+    step = max(1, CHUNK_BYTES // max(1, row_bytes))
+    for start in range(0, parts[0].shape[0], step):
+        rows = [part[start : start + step] for part in parts]
+        yield rows[0] if len(rows) == 1 else torch.cat(rows, dim=dim)
+
+
+def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int, mp: int) -> Iterator[torch.Tensor]:
+    """Shard `rank` of M of the tensor that the sources make together, as row blocks in order.
+
+    The full tensor is the sources joined on `dim`, and shard `rank` is its rank-th
+    equal part on that dim: on dim 0, whole rows of one or a few sources; on dim 1,
+    rows stitched from column ranges of several sources.
+    """
+    if dim is None:
+        yield from _row_blocks(sources[:1], 0)
+        return
+    width = sources[0].shape[dim]  # per source shard
+    size = width * len(sources) // mp  # per destination shard
+    lo, hi = rank * size, (rank + 1) * size
+    parts = []
+    for index, source in enumerate(sources):
+        start, stop = max(lo, index * width), min(hi, (index + 1) * width)  # in the full tensor
+        if start < stop:
+            parts.append(source.narrow(dim, start - index * width, stop - start))
+    if dim == 0:
+        for part in parts:
+            yield from _row_blocks([part], 0)
+    else:
+        yield from _row_blocks(parts, dim)
+
+
+# --------------------------------------------------------------------------- writing a file
+
+
+class _StorageRefs(pickle.Unpickler):
+    """Reads a torch.save data.pkl only far enough to learn which zip record holds each tensor."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, *rest: (storage, offset)
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a torch.save skeleton")
+
+    def persistent_load(self, pid):
+        return pid[2]  # ('storage', storage type, record key, location, numel)
+
+
+@dataclass
+class _Hole:
+    record: str  # the zip member that holds a tensor's storage
+    start: int  # file offset of its bytes
+    nbytes: int
+    crc_at: int  # file offset of its CRC-32, in the data descriptor that follows the bytes
+
+
+def _storage_holes(path: Path) -> Optional[dict[str, _Hole]]:
+    """Where each tensor's bytes go in a torch.save file; None if the layout is not the known one."""
+    with zipfile.ZipFile(path) as zf:
+        pickle_name = next((n for n in zf.namelist() if n.endswith("/data.pkl")), "")
+        refs = _StorageRefs(io.BytesIO(zf.read(pickle_name))).load() if pickle_name else {}
+        infos = {info.filename: info for info in zf.infolist()}
+    prefix, holes = pickle_name[: -len("data.pkl")], {}
+    with open(path, "rb") as f:
+        for key, (storage, element_offset) in refs.items():
+            info = infos.get(f"{prefix}data/{storage}")
+            # torch stores each member uncompressed, followed by a data descriptor (flag bit 3)
+            if info is None or element_offset or info.compress_type != zipfile.ZIP_STORED or not info.flag_bits & 8:
+                return None
+            f.seek(info.header_offset)
+            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            f.seek(start + info.file_size)
+            signature = f.read(4) == b"PK\x07\x08"  # the descriptor's signature is optional in zip
+            holes[key] = _Hole(info.filename, start, info.file_size, start + info.file_size + 4 * signature)
+    return holes if len(holes) == len(refs) > 0 else None
+
+
+def _pwrite_all(fd: int, data, pos: int) -> None:
+    data = memoryview(data)
+    while data:
+        written = os.pwrite(fd, data, pos)
+        data, pos = data[written:], pos + written
+
+
+def _patch_central_crcs(fd: int, crcs: dict[str, int]) -> None:
+    """Write each record's CRC-32 into its central directory entry (zip64 or not)."""
+    size = os.fstat(fd).st_size
+    end = os.pread(fd, 22, size - 22)
+    if end[:4] != b"PK\x05\x06":
+        raise RuntimeError("unexpected zip layout: no end of central directory record")
+    entries, pos = struct.unpack("<H", end[10:12])[0], struct.unpack("<I", end[16:20])[0]
+    locator = os.pread(fd, 20, size - 42)
+    if locator[:4] == b"PK\x06\x07":
+        record = os.pread(fd, 56, struct.unpack("<Q", locator[8:16])[0])
+        entries, pos = struct.unpack("<QQ", record[32:40] + record[48:56])
+    for _ in range(entries):
+        head = os.pread(fd, 46, pos)
+        if head[:4] != b"PK\x01\x02":
+            raise RuntimeError("unexpected zip layout in the central directory")
+        name_len, extra_len, comment_len = struct.unpack("<HHH", head[28:34])
+        name = os.pread(fd, name_len, pos + 46).decode()
+        if name in crcs:
+            _pwrite_all(fd, struct.pack("<I", crcs[name]), pos + 16)
+        pos += 46 + name_len + extra_len + comment_len
+
+
+def _write_tensors(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                   fill: Callable[[str], Iterator[torch.Tensor]]) -> str:
+    """A torch.load-able file of `specs` whose bytes come from fill(key) block by block; its sha256.
+
+    torch.save wants every tensor in memory at once. Instead: save placeholders under
+    skip_data (torch.empty reserves address space that stays untouched, so not
+    resident; the file gets a hole per storage), write the bytes into the holes in
+    file order, then the CRC-32s, which torch's zip keeps after the data. One
+    background thread hashes and writes (a write to a slow disk sleeps in the
+    kernel's dirty-page throttling) while this one stitches the next block.
+    """
+    tmp, holes = Path(f"{path}.tmp"), None
+    if _STREAMING_SAVE:
+        placeholders = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in specs.items()}
+        with torch.serialization.skip_data():
+            torch.save(placeholders, tmp)
+        del placeholders
+        holes = _storage_holes(tmp)
+    if holes is None:  # no skip_data, or a layout we do not know: a plain torch.save
+        torch.save({k: torch.cat([b.reshape(-1).to(dtype) for b in fill(k)]).view(shape)
+                    for k, (shape, dtype) in specs.items()}, tmp)
+        os.replace(tmp, path)
+        return _sha256(path)
+    digest, hashed, crcs, pending = hashlib.sha256(), 0, {}, collections.deque()
+    fd = os.open(tmp, os.O_RDWR)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshard-write")
+
+    def write(data: memoryview, pos: int) -> None:  # the jobs run in the writer thread, in file order
+        digest.update(data)
+        _pwrite_all(fd, data, pos)
+
+    def hash_file(start: int, end: int) -> None:  # zip headers and descriptors, final by now
+        digest.update(os.pread(fd, end - start, start))
+
+    def submit(*job) -> None:
+        pending.append(pool.submit(*job))
+        while len(pending) > 2:
+            pending.popleft().result()  # re-raises a failed write, e.g. a full disk
+
+    try:
+        for key, hole in sorted(holes.items(), key=lambda item: item[1].start):
+            submit(hash_file, hashed, hole.start)
+            pos, crc = hole.start, 0
+            for block in fill(key):
+                data = memoryview(block.to(specs[key][1]).contiguous().reshape(-1).view(torch.uint8).numpy())
+                if pos + len(data) > hole.start + hole.nbytes:
+                    raise RuntimeError(f"'{key}' overflows its {hole.nbytes} bytes in {path.name}")
+                crc = zlib.crc32(data, crc)
+                submit(write, data, pos)
+                pos += len(data)
+            if pos != hole.start + hole.nbytes:
+                raise RuntimeError(f"'{key}' filled {pos - hole.start} of its {hole.nbytes} bytes in {path.name}")
+            # before the job that hashes this descriptor is submitted, at the next hole
+            _pwrite_all(fd, struct.pack("<I", crc), hole.crc_at)
+            crcs[hole.record], hashed = crc, pos
+        while pending:
+            pending.popleft().result()
+        _patch_central_crcs(fd, crcs)
+        size = os.fstat(fd).st_size
+        while hashed < size:  # the last descriptors and the central directory
+            block = os.pread(fd, min(size - hashed, 16 << 20), hashed)
+            digest.update(block)
+            hashed += len(block)
+    finally:
+        pool.shutdown(wait=True)  # no write may land after the fd is closed
+        os.close(fd)
+    os.replace(tmp, path)
+    return digest.hexdigest()
+
+
+def _reshard_files(files: _Sharded, mp: int, dst_paths: list[Path],
+                   dtype_of: Callable[[str], torch.dtype]) -> dict[str, str]:
+    """Write the M destination files of one kind straight from the N mapped sources; their sha256s."""
+    sources, digests = _MappedSources(files), {}
+    for rank, path in enumerate(dst_paths):
+        specs = {}
+        for key in files.shapes:
+            shape, dim = list(files.full_shape(key)), files.dims[key]
+            if dim is not None:
+                shape[dim] //= mp
+            specs[key] = (tuple(shape), dtype_of(key))
+
+        def fill(key: str, rank: int = rank) -> Iterator[torch.Tensor]:
+            tensors = sources.tensors(key)
+            if files.dims[key] is None:
+                _check_replicated(key, tensors, files.paths)
+            for block in _pieces(tensors, files.dims[key], rank, mp):
+                yield block
+                sources.account(block.numel() * block.element_size())
+
+        digests[path.name] = _write_tensors(path, specs, fill)
+    return digests
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+@contextmanager
+def staged_directory(dst: PathLike, force: bool = False) -> Iterator[Path]:
+    """A fresh sibling of `dst` to write into, renamed to `dst` only if the block completes.
+
+    A non-empty `dst` is refused unless `force`; then it is replaced only once the new
+    directory is complete (two renames: for a moment neither name exists).
+    """
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst} exists and is not a directory; choose another destination")
+    if _non_empty(dst) and not force:
+        raise UserError(f"{dst} is not empty; choose another destination or pass --force to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f"{dst.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _non_empty(dst):
+        old = dst.with_name(f"{dst.name}.old-{secrets.token_hex(4)}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)  # a rename replaces an empty directory
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest_and_commit(ckpt_dir: Path, digests: Optional[dict[str, str]] = None) -> None:
+    """manifest.json (sha256 and size of every other file), then the COMMITTED marker, last.
+
+    `digests` holds sha256s computed while writing, so that big files are not read again.
+    """
+    digests = digests or {}
+    files = {p.name: {"sha256": digests.get(p.name) or _sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (MANIFEST, COMMITTED)}
+    atomic_write_text(ckpt_dir / MANIFEST, json.dumps({"files": files}, indent=2) + "\n")
+    atomic_write_text(ckpt_dir / COMMITTED, "")
+
+
+def _copy_other_files(src: Path, tmp: Path, texts: dict[str, str]) -> None:
+    """params.json, tokenizer.model and any file of the user's; the prepared texts; not stale ones."""
+    dropped = []
+    for path in sorted(src.iterdir()):
+        name = path.name
+        if path.suffix == ".pth" or OPTIMIZER_FILE.match(name) or name in (MANIFEST, COMMITTED, *texts):
+            continue  # written fresh
+        if path.is_file() and not STALE_FILE.match(name):
+            shutil.copyfile(path, tmp / name)
+        else:
+            dropped.append(name)
+    for name, text in texts.items():
+        atomic_write_text(tmp / name, text)
+    if dropped:
+        log.info(f"reshard: not carried over (tied to the old layout): {', '.join(dropped)}")
+
+
+def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, torch.dtype, None] = None,
+            force: bool = False) -> None:
+    """Write the checkpoint in `src` to `dst` with `mp` model-parallel shards.
+
+    `dtype` casts the model weights (for a release); optimizer moments keep theirs.
+    """
+    src, dst = Path(src), Path(dst)
+    cast_to = parse_dtype(dtype)
+    model = _inspect_model(src)
+    _check_divisible(model, mp)
+    optimizer = _inspect_optimizer(src, model)
+    n = len(model.weights.paths)
+    texts = _training_texts(src, n, mp)
+    src_real, dst_real = src.resolve(), dst.resolve()
+    if src_real == dst_real or src_real in dst_real.parents or dst_real in src_real.parents:
+        raise UserError(f"destination {dst} overlaps the source {src}; choose a directory outside it")
+    if cast_to not in (None, torch.float32) and optimizer is not None:
+        log.info(f"reshard: casting a training checkpoint's weights to {cast_to}; its optimizer stays fp32")
+    if model.dropped:
+        log.info(f"reshard: dropped {', '.join(model.dropped)} (Llama 1's rotary table; loaders recompute it)")
+
+    with staged_directory(dst, force) as tmp:
+        weights = model.weights
+        digests = _reshard_files(weights, mp, [tmp / shard_file(r) for r in range(mp)],
+                                 lambda key: cast_to or weights.dtypes[key])
+        if optimizer is not None:
+            digests |= _reshard_files(optimizer, mp, [tmp / f"optimizer.{r:02d}.pt" for r in range(mp)],
+                                      lambda key: optimizer.dtypes[key])
+        _copy_other_files(src, tmp, texts)
+        write_manifest_and_commit(tmp, digests)
+
+
+def iter_merged_tensors(ckpt_dir: PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """The full (unsharded) weights one at a time, in file order, so a caller can hold just a few.
+
+    A single-shard checkpoint's tensors (and replicated ones) come as copy-on-write
+    memory-mapped views of the file rather than copies.
+    """
+    model = _inspect_model(Path(ckpt_dir))
+    sources = _MappedSources(model.weights)
+    for key in model.weights.shapes:
+        tensors, dim = sources.tensors(key), model.weights.dims[key]
+        if dim is None:
+            _check_replicated(key, tensors, model.weights.paths)
+        merged = tensors[0] if dim is None or len(tensors) == 1 else torch.cat(tensors, dim=dim)
+        sources.account(merged.numel() * merged.element_size())
+        yield key, merged
+
+
+def load_merged_state_dict(ckpt_dir: PathLike) -> dict[str, torch.Tensor]:
+    """The whole model's weights as one Meta-keyed dict, as an mp=1 model loads them."""
+    return dict(iter_merged_tensors(ckpt_dir))
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llama-dist reshard",
+        description="Write a checkpoint with another model-parallel size (weights and training state).",
+    )
+    parser.add_argument("src", help="checkpoint directory: consolidated.NN.pth + params.json")
+    parser.add_argument("dst", help="new directory (must not exist or be empty, unless --force)")
+    parser.add_argument("--mp", type=int, required=True, help="the new model-parallel size")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights, e.g. bf16 for a release")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty DST once the new one is complete")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    reshard(args.src, args.dst, args.mp, dtype=args.dtype, force=args.force)
+    size = sum(p.stat().st_size for p in Path(args.dst).iterdir())
+    print(f"resharded {args.src} -> {args.dst} (mp={args.mp}, {size / 2**30:.2f} GiB) "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0

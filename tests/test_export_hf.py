@@ -1,0 +1,133 @@
+"""Export to transformers: LlamaForCausalLM's logits equal ours in fp32 (1e-4) for GQA
+models of both families, from mp=1 and resharded mp=2 checkpoints, in one safetensors
+file or several; the tokenizer encodes as sentencepiece does; the rotary permutation
+is what makes the logits agree. Needs the test extras: pip install transformers safetensors."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from llama_dist import export_hf as export_module  # noqa: E402
+from llama_dist.distributed import init_distributed, seed_everything  # noqa: E402
+from llama_dist.errors import UserError  # noqa: E402
+from llama_dist.export_hf import export_hf  # noqa: E402
+from llama_dist.meta_format import write_params  # noqa: E402
+from llama_dist.model import ModelArgs, Transformer  # noqa: E402
+from llama_dist.reshard import reshard  # noqa: E402
+
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, héllo wörld!",
+          "def double(x):\n    return x * 2  # 1234", "Ünïcode: 漢字 and ✓ marks."]
+TEXTS = ["Hello world", "The  quick\nbrown fox", "x = 12345; y  =  x\n\n  z", "héllo ✓ 漢字 🙂"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory) -> Path:
+    """A sentencepiece BPE trained as Meta's was: no normalisation, byte fallback, bos 1, eos 2."""
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("sp")
+    (root / "corpus.txt").write_text("\n".join(CORPUS * 40))
+    spm.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=320, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    return root / "sp.model"
+
+
+def make_checkpoint(path: Path, args: ModelArgs, tokenizer: Path) -> tuple[Path, Transformer]:
+    init_distributed(mp=1)
+    seed_everything(0)
+    model = Transformer(args).eval()
+    path.mkdir()
+    torch.save(model.state_dict(), path / "consolidated.00.pth")
+    write_params(path, args)
+    (path / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    return path, model
+
+
+def hf_logits(out: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return model.eval()(tokens).logits
+
+
+def gqa_args(vocab_size: int, rope_theta=None) -> ModelArgs:
+    return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=16,
+                     norm_eps=1e-5, rope_theta=rope_theta, max_seq_len=64)
+
+
+@pytest.mark.parametrize("rope_theta, mp, max_shard_bytes", [
+    (None, 1, export_module.MAX_SHARD_BYTES),  # Llama 2 layout, one model.safetensors
+    (500000.0, 2, 40_000),  # Llama 3 layout from a resharded mp=2 checkpoint, several files + index
+])
+def test_transformers_logits_equal_ours(tmp_path, tokenizer_model, rope_theta, mp, max_shard_bytes):
+    args = gqa_args(320, rope_theta)
+    ckpt, model = make_checkpoint(tmp_path / "ckpt", args, tokenizer_model)
+    if mp > 1:
+        reshard(ckpt, tmp_path / "mp2", mp)
+        ckpt = tmp_path / "mp2"
+    export_hf(ckpt, tmp_path / "hf", max_shard_bytes=max_shard_bytes)
+    out = tmp_path / "hf"
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (64, 176, 2)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == (4, 2, 320)
+    assert config["rms_norm_eps"] == 1e-5 and config["tie_word_embeddings"] is False
+    assert config["rope_theta"] == (rope_theta or 10000.0)
+    assert (config["bos_token_id"], config["eos_token_id"], config["torch_dtype"]) == (1, 2, "float32")
+    several = max_shard_bytes < 100_000
+    assert (out / "model.safetensors.index.json").exists() == several
+    assert (out / "model.safetensors").exists() == (not several)
+
+    tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens)
+    torch.testing.assert_close(hf_logits(out, tokens), ours, atol=1e-4, rtol=0)
+
+
+def test_without_the_rotary_permutation_the_logits_differ(tmp_path, tokenizer_model, monkeypatch):
+    """The parity test can fail: Meta's wq/wk rows as they are give other logits in transformers."""
+    ckpt, model = make_checkpoint(tmp_path / "ckpt", gqa_args(320), tokenizer_model)
+    monkeypatch.setattr(export_module, "to_hf_rotary", lambda weight, heads: weight)
+    export_hf(ckpt, tmp_path / "hf")
+    tokens = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf_logits(tmp_path / "hf", tokens) - model(tokens)).abs().max() > 1e-3
+
+
+def test_tokenizer_encodes_as_sentencepiece(tmp_path, tokenizer_model):
+    import sentencepiece as spm
+
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", gqa_args(320), tokenizer_model)
+    export_hf(ckpt, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    for text in TEXTS:
+        assert hf_tokenizer(text)["input_ids"] == [sp.bos_id()] + sp.encode(text), text
+    assert hf_tokenizer.decode(hf_tokenizer(TEXTS[2])["input_ids"], skip_special_tokens=True) == TEXTS[2]
+
+
+def test_bf16_export_and_refusals(tmp_path, tokenizer_model, monkeypatch):
+    ckpt, model = make_checkpoint(tmp_path / "ckpt", dataclasses.replace(gqa_args(320), n_kv_heads=None),
+                                  tokenizer_model)
+    export_hf(ckpt, tmp_path / "hf", dtype="bf16")
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert torch.equal(weights["lm_head.weight"], model.output.weight.detach().to(torch.bfloat16))
+    with pytest.raises(UserError, match="is not empty; .*--force"):
+        export_hf(ckpt, tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if it were not installed
+    with pytest.raises(UserError, match=r"^export-hf needs the safetensors package: pip install safetensors$"):
+        export_hf(ckpt, tmp_path / "again")
