@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_dist import shards
+from llama_dist.files import atomic_write_json
 from llama_dist.config import load_config
 from llama_dist.distributed import init_distributed, seed_everything, shutdown
 from llama_dist.loader import TokenLoader
@@ -38,7 +39,7 @@ def synthetic_data(directory: Path, tokens: int, vocab_size: int, shard_tokens: 
         for i, start in enumerate(range(0, count, shard_tokens)):
             ids = rng.integers(0, vocab_size, min(shard_tokens, count - start), dtype=np.int64)
             entries.append({**shards.write_shard(directory / f"{split}-{i:05d}.bin", ids, dtype), "split": split})
-    shards.write_json_atomic(directory / shards.MANIFEST, shards.make_manifest("0" * 64, vocab_size, entries))
+    atomic_write_json(directory / shards.MANIFEST, shards.make_manifest("0" * 64, vocab_size, entries))
 
 
 def loader_tokens_per_s(data_dir: str, seq_len: int, mbs: int, dp_size: int, seconds: float) -> tuple[float, int]:

@@ -8,7 +8,6 @@ crash at any point leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,9 +22,9 @@ from torch import nn
 from llama_dist.config import Config
 from llama_dist.distributed import DistInfo, barrier
 from llama_dist.errors import UserError
+from llama_dist.files import atomic_write_text, sha256_file
 from llama_dist.meta_format import (
     TOKENIZER_FILE,
-    atomic_write_text,
     load_shard,
     read_params,
     save_shard,
@@ -76,14 +75,6 @@ def committed_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
     found = committed_checkpoints(run_dir)
     return found[-1][1] if found else None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- optimizer state

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from llama_dist import shards
+from llama_dist.files import sha256_file
 from llama_dist.errors import UserError
 
 STATE_VERSION = 1
@@ -88,7 +89,7 @@ class TokenLoader:
     def _check_tokenizer(self) -> None:
         """A tokenizer.model retrained in place would no longer match these shards' ids."""
         path = self.data_dir / "tokenizer.model"
-        if path.is_file() and shards.sha256_file(path) != self.manifest["tokenizer"]["sha256"]:
+        if path.is_file() and sha256_file(path) != self.manifest["tokenizer"]["sha256"]:
             raise UserError(
                 f"{path} is not the tokenizer these shards were made with (it was replaced after "
                 f"`llama-dist prepare`); rerun prepare with it, into {self.data_dir}"
@@ -112,7 +113,7 @@ class TokenLoader:
                     f"{path} holds {header.count} {header.dtype.name} tokens but the manifest lists "
                     f"{entry['tokens']} {expected_dtype.name}; rerun llama-dist prepare"
                 )
-            if verify and shards.sha256_file(path) != entry["sha256"]:
+            if verify and sha256_file(path) != entry["sha256"]:
                 raise UserError(f"{path} is corrupted (sha256 differs from the manifest); rerun llama-dist prepare")
             arrays.append(shards.open_shard(path))
         return arrays

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from llama_dist.errors import UserError
+from llama_dist.files import atomic_write_text
 from llama_dist.model import ModelArgs
 
 PARAMS_FILE = "params.json"
@@ -110,9 +111,3 @@ def save_shard(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
 
 def _is_view(t: torch.Tensor) -> bool:
     return not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from llama_dist import shards
+from llama_dist.files import atomic_write_json, sha256_file
 from llama_dist.errors import UserError
 from llama_dist.sources import Corpus, parse_size
 from llama_dist.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -119,7 +120,7 @@ class ShardSink:
     def checkpoint(self) -> None:
         """Close every open shard at this document boundary and record that we got here."""
         self.close_all()
-        shards.write_json_atomic(self.out / PROGRESS_FILE, {
+        atomic_write_json(self.out / PROGRESS_FILE, {
             "key": self.key, "documents": self.doc_index, "shards": self.shards,
         })
 
@@ -195,7 +196,7 @@ def _clean(out: Path, keep: set[str] = frozenset()) -> None:
 def _complete(out: Path, manifest: dict[str, Any], tokenizer_sha: str) -> bool:
     """A finished run whose shards and tokenizer copy are all still in place (sizes only: fast)."""
     tok = out / TOKENIZER_FILE
-    if not tok.is_file() or shards.sha256_file(tok) != tokenizer_sha:
+    if not tok.is_file() or sha256_file(tok) != tokenizer_sha:
         return False
     width = shards.dtype_for_vocab(manifest["tokenizer"]["vocab_size"]).itemsize
     for entry in manifest["shards"]:
@@ -242,7 +243,7 @@ def _check_existing(out: Path, key: str, tokenizer: Path, tokenizer_sha: str, ov
         if not in_place:
             copied_tokenizer.unlink(missing_ok=True)  # the old shards' tokenizer goes with them
     elif copied_tokenizer.exists() and not in_place and not overwrite \
-            and shards.sha256_file(copied_tokenizer) != tokenizer_sha:
+            and sha256_file(copied_tokenizer) != tokenizer_sha:
         raise UserError(f"{copied_tokenizer} is a different tokenizer than {tokenizer}; "
                         "choose another --out or pass --overwrite to replace it")
     return None
@@ -303,7 +304,7 @@ def prepare(
         raise UserError(f"--shard-tokens must be positive, got {shard_tokens}")
     tokenizer_file = Path(tokenizer_path)
     tokenizer = Tokenizer(tokenizer_file)
-    tokenizer_sha = shards.sha256_file(tokenizer_file)
+    tokenizer_sha = sha256_file(tokenizer_file)
     dtype = shards.dtype_for_vocab(tokenizer.n_words)
     corpus = Corpus(inputs, text_field=text_field, max_bytes=max_bytes)
     val_period = round(1 / val_fraction) if val_fraction > 0 else 0
@@ -344,7 +345,7 @@ def prepare(
         documents=stats.documents, bytes=stats.bytes, undecodable_bytes=stats.undecodable_bytes,
     )
     manifest_path = out / shards.MANIFEST
-    shards.write_json_atomic(manifest_path, manifest)  # last: now the directory is complete
+    atomic_write_json(manifest_path, manifest)  # last: now the directory is complete
     (out / PROGRESS_FILE).unlink(missing_ok=True)
 
     if warning := stats.warning():

@@ -17,21 +17,13 @@ rank of the old world) are dropped, and a fresh manifest and COMMITTED close it.
 from __future__ import annotations
 
 import argparse
-import collections
-import hashlib
-import io
 import json
 import math
 import os
-import pickle
 import re
 import secrets
 import shutil
-import struct
 import time
-import zipfile
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +34,17 @@ import yaml
 
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
-from llama_dist.meta_format import atomic_write_text, load_shard, read_params, shard_dim, shard_file, shard_paths
+from llama_dist.checkpoint import COMMIT_MARKER as COMMITTED
+from llama_dist.checkpoint import MANIFEST, TRAIN_STATE
+from llama_dist.files import atomic_write_text, sha256_file
+from llama_dist.meta_format import load_shard, read_params, shard_dim, shard_file, shard_paths
 from llama_dist.model import ModelArgs
+from llama_dist.streamed_save import save_streamed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHUNK_BYTES = 32 << 20  # the most of one destination tensor assembled at once
 REMAP_BYTES = 256 << 20  # source bytes read before the source mappings are dropped
-TRAIN_STATE, CONFIG_FILE, MANIFEST, COMMITTED = "train_state.json", "config.yaml", "manifest.json", "COMMITTED"
+CONFIG_FILE = "config.yaml"
 OPTIMIZER_FILE = re.compile(r"^optimizer\.\d+\.pt$")
 OPTIMIZER_KEY = re.compile(r"^(exp_avg|exp_avg_sq|step)/(.+)$")
 # rng files hold a generator per global rank of the old world; checklist.chk (in Meta's
@@ -56,8 +52,6 @@ OPTIMIZER_KEY = re.compile(r"^(exp_avg|exp_avg_sq|step)/(.+)$")
 STALE_FILE = re.compile(r"^(rng\.\d+\.pt|checklist\.chk|.*\.tmp)$")
 # Llama 1's rotary table: every loader recomputes it, and ours loads strictly
 DROPPED_KEYS = frozenset({"rope.freqs"})
-# torch.save can leave storage bytes as holes to fill in later (torch >= 2.5)
-_STREAMING_SAVE = hasattr(torch.serialization, "skip_data")
 
 log = get_logger("llama_dist.reshard")
 PathLike = Union[str, os.PathLike]
@@ -295,154 +289,6 @@ def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int, mp: int)
         yield from _row_blocks(parts, dim)
 
 
-# --------------------------------------------------------------------------- writing a file
-
-
-class _StorageRefs(pickle.Unpickler):
-    """Reads a torch.save data.pkl only far enough to learn which zip record holds each tensor."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, *rest: (storage, offset)
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage"):
-            return name
-        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a torch.save skeleton")
-
-    def persistent_load(self, pid):
-        return pid[2]  # ('storage', storage type, record key, location, numel)
-
-
-@dataclass
-class _Hole:
-    record: str  # the zip member that holds a tensor's storage
-    start: int  # file offset of its bytes
-    nbytes: int
-    crc_at: int  # file offset of its CRC-32, in the data descriptor that follows the bytes
-
-
-def _storage_holes(path: Path) -> Optional[dict[str, _Hole]]:
-    """Where each tensor's bytes go in a torch.save file; None if the layout is not the known one."""
-    with zipfile.ZipFile(path) as zf:
-        pickle_name = next((n for n in zf.namelist() if n.endswith("/data.pkl")), "")
-        refs = _StorageRefs(io.BytesIO(zf.read(pickle_name))).load() if pickle_name else {}
-        infos = {info.filename: info for info in zf.infolist()}
-    prefix, holes = pickle_name[: -len("data.pkl")], {}
-    with open(path, "rb") as f:
-        for key, (storage, element_offset) in refs.items():
-            info = infos.get(f"{prefix}data/{storage}")
-            # torch stores each member uncompressed, followed by a data descriptor (flag bit 3)
-            if info is None or element_offset or info.compress_type != zipfile.ZIP_STORED or not info.flag_bits & 8:
-                return None
-            f.seek(info.header_offset)
-            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
-            start = info.header_offset + 30 + name_len + extra_len
-            f.seek(start + info.file_size)
-            signature = f.read(4) == b"PK\x07\x08"  # the descriptor's signature is optional in zip
-            holes[key] = _Hole(info.filename, start, info.file_size, start + info.file_size + 4 * signature)
-    return holes if len(holes) == len(refs) > 0 else None
-
-
-def _pwrite_all(fd: int, data, pos: int) -> None:
-    data = memoryview(data)
-    while data:
-        written = os.pwrite(fd, data, pos)
-        data, pos = data[written:], pos + written
-
-
-def _patch_central_crcs(fd: int, crcs: dict[str, int]) -> None:
-    """Write each record's CRC-32 into its central directory entry (zip64 or not)."""
-    size = os.fstat(fd).st_size
-    end = os.pread(fd, 22, size - 22)
-    if end[:4] != b"PK\x05\x06":
-        raise RuntimeError("unexpected zip layout: no end of central directory record")
-    entries, pos = struct.unpack("<H", end[10:12])[0], struct.unpack("<I", end[16:20])[0]
-    locator = os.pread(fd, 20, size - 42)
-    if locator[:4] == b"PK\x06\x07":
-        record = os.pread(fd, 56, struct.unpack("<Q", locator[8:16])[0])
-        entries, pos = struct.unpack("<QQ", record[32:40] + record[48:56])
-    for _ in range(entries):
-        head = os.pread(fd, 46, pos)
-        if head[:4] != b"PK\x01\x02":
-            raise RuntimeError("unexpected zip layout in the central directory")
-        name_len, extra_len, comment_len = struct.unpack("<HHH", head[28:34])
-        name = os.pread(fd, name_len, pos + 46).decode()
-        if name in crcs:
-            _pwrite_all(fd, struct.pack("<I", crcs[name]), pos + 16)
-        pos += 46 + name_len + extra_len + comment_len
-
-
-def _write_tensors(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                   fill: Callable[[str], Iterator[torch.Tensor]]) -> str:
-    """A torch.load-able file of `specs` whose bytes come from fill(key) block by block; its sha256.
-
-    torch.save wants every tensor in memory at once. Instead: save placeholders under
-    skip_data (torch.empty reserves address space that stays untouched, so not
-    resident; the file gets a hole per storage), write the bytes into the holes in
-    file order, then the CRC-32s, which torch's zip keeps after the data. One
-    background thread hashes and writes (a write to a slow disk sleeps in the
-    kernel's dirty-page throttling) while this one stitches the next block.
-    """
-    tmp, holes = Path(f"{path}.tmp"), None
-    if _STREAMING_SAVE:
-        placeholders = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in specs.items()}
-        with torch.serialization.skip_data():
-            torch.save(placeholders, tmp)
-        del placeholders
-        holes = _storage_holes(tmp)
-    if holes is None:  # no skip_data, or a layout we do not know: a plain torch.save
-        torch.save({k: torch.cat([b.reshape(-1).to(dtype) for b in fill(k)]).view(shape)
-                    for k, (shape, dtype) in specs.items()}, tmp)
-        os.replace(tmp, path)
-        return _sha256(path)
-    digest, hashed, crcs, pending = hashlib.sha256(), 0, {}, collections.deque()
-    fd = os.open(tmp, os.O_RDWR)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshard-write")
-
-    def write(data: memoryview, pos: int) -> None:  # the jobs run in the writer thread, in file order
-        digest.update(data)
-        _pwrite_all(fd, data, pos)
-
-    def hash_file(start: int, end: int) -> None:  # zip headers and descriptors, final by now
-        digest.update(os.pread(fd, end - start, start))
-
-    def submit(*job) -> None:
-        pending.append(pool.submit(*job))
-        while len(pending) > 2:
-            pending.popleft().result()  # re-raises a failed write, e.g. a full disk
-
-    try:
-        for key, hole in sorted(holes.items(), key=lambda item: item[1].start):
-            submit(hash_file, hashed, hole.start)
-            pos, crc = hole.start, 0
-            for block in fill(key):
-                data = memoryview(block.to(specs[key][1]).contiguous().reshape(-1).view(torch.uint8).numpy())
-                if pos + len(data) > hole.start + hole.nbytes:
-                    raise RuntimeError(f"'{key}' overflows its {hole.nbytes} bytes in {path.name}")
-                crc = zlib.crc32(data, crc)
-                submit(write, data, pos)
-                pos += len(data)
-            if pos != hole.start + hole.nbytes:
-                raise RuntimeError(f"'{key}' filled {pos - hole.start} of its {hole.nbytes} bytes in {path.name}")
-            # before the job that hashes this descriptor is submitted, at the next hole
-            _pwrite_all(fd, struct.pack("<I", crc), hole.crc_at)
-            crcs[hole.record], hashed = crc, pos
-        while pending:
-            pending.popleft().result()
-        _patch_central_crcs(fd, crcs)
-        size = os.fstat(fd).st_size
-        while hashed < size:  # the last descriptors and the central directory
-            block = os.pread(fd, min(size - hashed, 16 << 20), hashed)
-            digest.update(block)
-            hashed += len(block)
-    finally:
-        pool.shutdown(wait=True)  # no write may land after the fd is closed
-        os.close(fd)
-    os.replace(tmp, path)
-    return digest.hexdigest()
-
-
 def _reshard_files(files: _Sharded, mp: int, dst_paths: list[Path],
                    dtype_of: Callable[[str], torch.dtype]) -> dict[str, str]:
     """Write the M destination files of one kind straight from the N mapped sources; their sha256s."""
@@ -463,7 +309,7 @@ def _reshard_files(files: _Sharded, mp: int, dst_paths: list[Path],
                 yield block
                 sources.account(block.numel() * block.element_size())
 
-        digests[path.name] = _write_tensors(path, specs, fill)
+        digests[path.name] = save_streamed(path, specs, fill)
     return digests
 
 
@@ -503,21 +349,13 @@ def staged_directory(dst: PathLike, force: bool = False) -> Iterator[Path]:
         os.replace(tmp, dst)  # a rename replaces an empty directory
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest_and_commit(ckpt_dir: Path, digests: Optional[dict[str, str]] = None) -> None:
     """manifest.json (sha256 and size of every other file), then the COMMITTED marker, last.
 
     `digests` holds sha256s computed while writing, so that big files are not read again.
     """
     digests = digests or {}
-    files = {p.name: {"sha256": digests.get(p.name) or _sha256(p), "bytes": p.stat().st_size}
+    files = {p.name: {"sha256": digests.get(p.name) or sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (MANIFEST, COMMITTED)}
     atomic_write_text(ckpt_dir / MANIFEST, json.dumps({"files": files}, indent=2) + "\n")
     atomic_write_text(ckpt_dir / COMMITTED, "")

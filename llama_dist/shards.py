@@ -18,7 +18,6 @@ unfinished `llama-dist prepare`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -29,6 +28,7 @@ from typing import Any, BinaryIO, Optional
 import numpy as np
 
 from llama_dist.errors import UserError
+from llama_dist.files import sha256_file
 
 MAGIC = b"LLDTOKNS"
 VERSION = 1
@@ -58,14 +58,6 @@ def check_fits(tokens: np.ndarray, dtype: np.dtype) -> None:
     limit = np.iinfo(dtype).max
     if low < 0 or high > limit:
         raise ValueError(f"token ids span [{low}, {high}] but shard dtype {dtype.name} holds [0, {limit}]")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -167,18 +159,6 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, dtype: np.dtype) ->
 
 
 # --------------------------------------------------------------------------- manifest
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write to a temporary name, sync, rename: a reader sees the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def make_manifest(tokenizer_sha256: str, vocab_size: int, shards: list[dict[str, Any]],

@@ -38,7 +38,6 @@ from llama_dist import distributed
 from llama_dist.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from llama_dist.config import Config, load_config, validate
 from llama_dist.distributed import DistInfo, get_logger
-from llama_dist.errors import UserError
 from llama_dist.metrics import TensorBoard, device_peak_flops, format_duration, memory_gib
 from llama_dist.model import Transformer, flops_per_token
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_dist import shards
+from llama_dist.files import atomic_write_json
 
 WORDS = ("the cat dog sat on a mat and ran to see big small red blue tree house river "
          "def return import class self value list dict for in if else while print").split()
@@ -64,5 +65,5 @@ def write_synthetic_data(directory: Path, train_sizes: list[int], val_sizes: lis
             entries.append({**entry, "split": split})
             start += size
     manifest = shards.make_manifest("0" * 64, vocab_size, entries)
-    shards.write_json_atomic(directory / shards.MANIFEST, manifest)
+    atomic_write_json(directory / shards.MANIFEST, manifest)
     return streams

@@ -34,18 +34,6 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 # --------------------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(autouse=True)
-def _no_dist_env():
-    """init_distributed writes torchrun's variables into os.environ in a world of one:
-    start each test without them and put the environment back afterwards."""
-    saved = dict(os.environ)
-    for name in DIST_ENV:
-        os.environ.pop(name, None)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def train_tiny_tokenizer(out_dir: Path) -> Path:
     """A sentencepiece BPE model like the project's (byte fallback, no pad) on a tiny corpus."""
     import sentencepiece as spm

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llama_dist.config import load_config
 from llama_dist.distributed import init_distributed, seed_everything

@@ -16,7 +16,6 @@ import yaml
 
 from multiproc import run_ranks
 
-from llama_dist import reshard as reshard_module
 from llama_dist.cli import main as llama_dist_main
 from llama_dist.config import Config
 from llama_dist.distributed import init_distributed, seed_everything
@@ -197,9 +196,11 @@ def test_llama1_rope_freqs_are_dropped(tmp_path):
 
 
 def test_plain_torch_save_fallback_writes_the_same_tensors(tmp_path, training_ckpt, monkeypatch):
+    from llama_dist import streamed_save
+
     src, weights, optimizer = training_ckpt
     reshard(src, tmp_path / "streamed", 2)
-    monkeypatch.setattr(reshard_module, "_STREAMING_SAVE", False)
+    monkeypatch.setattr(streamed_save, "_STREAMING_SAVE", False)
     reshard(src, tmp_path / "plain", 2)
     for name in ("consolidated.00.pth", "consolidated.01.pth", "optimizer.00.pt", "optimizer.01.pt"):
         assert_same(load(tmp_path / "plain" / name), load(tmp_path / "streamed" / name))

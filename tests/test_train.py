@@ -2,7 +2,6 @@
 Meta-format checkpoints, NaN steps, TensorBoard."""
 
 import json
-import os
 
 import pytest
 import torch
