@@ -176,3 +176,21 @@ def test_tensorboard_tags_and_no_duplicated_steps_after_resume(data_dir, tmp_pat
     steps = [e.step for e in events.Scalars("loss/train")]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in events.Scalars("loss/val")] == [3, 6]
+
+
+def _train_mp2_steps(data_dir, run_dir, steps):
+    return _train_and_record(data_dir, run_dir, ["parallel.mp=2", f"train.steps={steps}"])[1]
+
+
+def test_resume_at_a_new_model_parallel_size_after_reshard(data_dir, tmp_path):
+    from llama_dist.reshard import reshard
+
+    straight = run_ranks(_train_mp2_steps, 2, data_dir, tmp_path / "straight", 6)[0]
+    run_ranks(_train_mp2_steps, 2, data_dir, tmp_path / "mp2", 3)
+    # the mp=2 checkpoint, optimizer state and loader position, resharded into a new run at mp=1
+    reshard(latest_checkpoint(tmp_path / "mp2"), tmp_path / "mp1" / "checkpoints" / "step-000003", 1)
+    code, resumed, _, _, _ = _train_and_record(data_dir, tmp_path / "mp1", ["train.steps=6"])
+    assert code == 0 and [step for step, _ in resumed] == [4, 5, 6]
+    # the same run, continued at another mp size: equal up to the order of float sums
+    for (_, expected), (_, got) in zip(straight[3:], resumed):
+        assert got == pytest.approx(expected, rel=1e-4)
