@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama_dist.config import load_config
 from llama_dist.distributed import init_distributed, seed_everything
@@ -103,3 +104,19 @@ def test_model_args_accept_metas_params_json():
     assert "rope_theta" not in args.params_json()  # Llama 2's ModelArgs has no such key
     llama3 = load_config("llama3-8b").model
     assert llama3.params_json()["rope_theta"] == 500000.0 and llama3.vocab_parallel_embedding
+
+
+def test_activation_checkpointing_keeps_the_gradients(model):
+    model.train()
+    tokens = torch.randint(0, 80, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def grads():
+        model.zero_grad()
+        F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.activation_checkpointing = True
+    checkpointed = grads()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=1e-6, msg=name)
