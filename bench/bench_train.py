@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +51,17 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def hf_model(args: ModelArgs, compile_model: bool) -> tuple[nn.Module, Callable]:
     """LlamaForCausalLM in our shapes; returns the module and a tokens -> logits function."""
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    rope = {"rope_theta": args.theta}  # transformers 4.x; 5.x moved it into rope_parameters
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        rope = {"rope_parameters": {"rope_type": "default", "rope_theta": args.theta}}
     config = LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.kv_heads, rms_norm_eps=args.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": args.theta},
+        **rope,
         max_position_embeddings=args.max_seq_len, tie_word_embeddings=False,
         attention_dropout=0.0, use_cache=False,
     )

@@ -250,7 +250,7 @@ def load_checkpoint(
         names.append(optimizer_file(info.mp_rank))
     if cfg.checkpoint.verify:
         verify_manifest(ckpt_dir, names)
-    state = load_shard(ckpt_dir / shard_file(info.mp_rank), mmap=False)
+    state = load_shard(ckpt_dir / shard_file(info.mp_rank))  # memory-mapped: copied once, into the model
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{ckpt_dir / shard_file(info.mp_rank)} does not fit the model: "

@@ -43,7 +43,7 @@ def gpu_peak_flops(name: str, dtype: torch.dtype) -> Optional[float]:
     return None
 
 
-def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+def measure_cpu_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     """Best fp32 matmul FLOP/s at this process's thread count: the CPU's practical peak."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)  # warm up the kernels and caches

@@ -85,8 +85,10 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
             collected[rank] = pickle.loads(payload)
     finally:
+        # after a failure or a hang nothing is worth waiting for: stop the other ranks now
+        grace = 10 if len(collected) == world_size else 0
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=grace)
             if p.is_alive():
                 p.kill()
                 p.join()
