@@ -87,8 +87,15 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame) -> None:
         self.received = signal.Signals(signum).name
@@ -234,8 +241,11 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> int:
+        with StopSignal() as stop:
+            return self._loop(stop)
+
+    def _loop(self, stop: StopSignal) -> int:
         cfg, info = self.cfg, self.info
-        stop = StopSignal()
         nan_steps = fault_nan_steps()
         board = TensorBoard(self.run_dir / "tensorboard", cfg.log.tensorboard and info.is_rank0, self.step)
         log.info(f"world {info.world_size} = dp {info.dp_size} x mp {info.mp_size} on {self.device} "
