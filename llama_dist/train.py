@@ -267,7 +267,6 @@ class Trainer:
                     consecutive_bad += 1
                     log.warning(f"step {self.step}: non-finite loss {loss:.4g} or grad norm {norm:.4g}; "
                                 f"update skipped ({consecutive_bad} in a row, {self.skipped_steps} in all)")
-                    board.scalars(self.step, {"skipped_steps": self.skipped_steps})
                     if consecutive_bad >= cfg.train.max_bad_steps:
                         latest = latest_checkpoint(self.run_dir)
                         log.error(f"stopping: {consecutive_bad} consecutive non-finite steps "
