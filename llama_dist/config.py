@@ -246,16 +246,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         )
     if m.n_heads % n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={n_kv_heads}")
-    if m.n_heads % p.mp:
-        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.mp={p.mp}")
-    if n_kv_heads % p.mp:
-        raise ConfigError(f"model.n_kv_heads={n_kv_heads} is not divisible by parallel.mp={p.mp}")
-    if not m.vocab_parallel_embedding and m.dim % p.mp:  # Llama 2 splits the embedding on dim
-        raise ConfigError(f"model.dim={m.dim} is not divisible by parallel.mp={p.mp}")
-    if m.ffn_hidden_dim % p.mp:
-        raise ConfigError(f"FFN width {m.ffn_hidden_dim} is not divisible by parallel.mp={p.mp}")
-    if m.vocab_size % p.mp:  # the output layer (and Llama 3's embedding) split the vocabulary
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.mp={p.mp}")
+    for name, size in m.mp_split_sizes().items():
+        if size % p.mp:
+            what = f"FFN width {size}" if name == "ffn_hidden_dim" else f"model.{name}={size}"
+            raise ConfigError(f"{what} is not divisible by parallel.mp={p.mp}")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if p.backend not in ("auto", "nccl", "gloo"):

@@ -119,7 +119,7 @@ def for_inference(model: Transformer, device: torch.device) -> Transformer:
 
 
 def _check_divisible(args: ModelArgs, mp: int) -> None:
-    for name, size in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("dim", args.dim)):
+    for name, size in args.mp_split_sizes().items():
         if size % mp:
             raise UserError(f"params.json has {name}={size}, which {mp} model-parallel ranks cannot split")
 

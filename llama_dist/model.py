@@ -72,6 +72,15 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def mp_split_sizes(self, vocab_size: Optional[int] = None) -> dict[str, int]:
+        """Every size a model-parallel degree must divide: fairscale splits each one across ranks."""
+        sizes = {"n_heads": self.n_heads, "n_kv_heads": self.kv_heads}
+        if not self.vocab_parallel_embedding:  # Llama 2's ParallelEmbedding splits the model dimension
+            sizes["dim"] = self.dim
+        sizes["ffn_hidden_dim"] = self.ffn_hidden_dim
+        sizes["vocab_size"] = vocab_size or self.vocab_size  # the output layer (and Llama 3's embedding)
+        return sizes
+
     def params_json(self) -> dict:
         """The params.json that Meta's loader for this family accepts (no unknown keys)."""
         keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",

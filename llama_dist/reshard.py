@@ -143,17 +143,15 @@ def _inspect_model(ckpt_dir: Path) -> _Model:
 def _check_divisible(model: _Model, mp: int) -> None:
     """Every split dimension must divide by M, as fairscale asserts when it builds the layers."""
     args = model.args
-    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "the FFN width": args.ffn_hidden_dim,
-             "vocab_size": model.vocab_size}
-    if not args.vocab_parallel_embedding:  # Llama 2's ParallelEmbedding splits the model dimension
-        sizes["dim"] = args.dim
+    sizes = args.mp_split_sizes(model.vocab_size)
     if mp < 1:
         raise UserError(f"--mp must be at least 1, got {mp}")
     for name, size in sizes.items():
         if size % mp:
             common = math.gcd(*sizes.values())
             valid = ", ".join(str(m) for m in range(1, common + 1) if common % m == 0)
-            raise UserError(f"--mp {mp} does not divide {name}={size}; valid --mp values for this model: {valid}")
+            what = "the FFN width" if name == "ffn_hidden_dim" else name
+            raise UserError(f"--mp {mp} does not divide {what}={size}; valid --mp values for this model: {valid}")
 
 
 def _load_optimizer(path: Path) -> dict[str, torch.Tensor]:
