@@ -1,11 +1,12 @@
 """Change a checkpoint's model-parallel size: MP=N shards in, MP=M shards out.
 
 Each weight is merged or split on its shard dimension (`meta_format.shard_dim`),
-tensor by tensor. Sources are memory-mapped and re-mapped every REMAP_BYTES, so
-pages already read leave the resident set; each destination file is a torch.save
-skeleton whose tensor bytes are then written in place block by block, so no
-destination shard is ever held whole. Peak memory stays at a few hundred MiB over
-the interpreter's, whatever the checkpoint's size.
+tensor by tensor. Sources are memory-mapped, and pages already read are released
+from the resident set; each destination file is a torch.save skeleton whose tensor
+bytes are then written in place block by block (a block that is a contiguous run
+of a source file is copied by the kernel), so no destination shard is ever held
+whole. Peak memory stays at a few hundred MiB over the interpreter's, whatever the
+checkpoint's size.
 
 Everything goes into a temporary sibling of DST, renamed into place at the end;
 SRC is only read, and every check runs before the first byte is written. The
@@ -17,8 +18,10 @@ rank of the old world) are dropped, and a fresh manifest and COMMITTED close it.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -39,11 +42,11 @@ from llama_dist.checkpoint import MANIFEST, TRAIN_STATE
 from llama_dist.files import atomic_write_text, sha256_file
 from llama_dist.meta_format import load_shard, read_params, shard_dim, shard_file, shard_paths
 from llama_dist.model import ModelArgs
-from llama_dist.streamed_save import save_streamed
+from llama_dist.streamed_save import save_streamed, storage_records
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHUNK_BYTES = 32 << 20  # the most of one destination tensor assembled at once
-REMAP_BYTES = 256 << 20  # source bytes read before the source mappings are dropped
+RELEASE_LAG = 256 << 20  # source bytes handed out after a span before its pages are released
 CONFIG_FILE = "config.yaml"
 OPTIMIZER_FILE = re.compile(r"^optimizer\.\d+\.pt$")
 OPTIMIZER_KEY = re.compile(r"^(exp_avg|exp_avg_sq|step)/(.+)$")
@@ -220,26 +223,83 @@ def _training_texts(src: Path, n: int, mp: int) -> dict[str, str]:
 
 
 class _MappedSources:
-    """The source files of one kind, memory-mapped on demand.
+    """The source files of one kind, each memory-mapped once.
 
-    Pages read through a mapping stay in the resident set until it is unmapped, so
-    after REMAP_BYTES the mappings are dropped (and remade when next needed: a pickle
-    parse, not a read).
+    A file in torch's zip layout is mapped whole (copy-on-write, never written) and its
+    tensors are views of the mapping, so `locate` can tell the writer where a block's
+    bytes lie and the kernel copies them file to file. Pages read through a mapping
+    stay in the resident set, so each span handed out is released (MADV_DONTNEED:
+    touched again, it is re-read from the page cache) once RELEASE_LAG more bytes have
+    been handed out after it. A file of another layout is torch.load-ed (mmap) and kept.
     """
 
     def __init__(self, files: _Sharded):
-        self.files, self._states, self._read = files, {}, 0
+        self.files = files
+        self._states: dict[int, dict[str, torch.Tensor]] = {}
+        self._maps: dict[int, tuple[int, mmap.mmap, int]] = {}  # rank: (fd, mapping, its address)
+        self._spans: collections.deque = collections.deque()  # (rank, start, end) in the order handed out
+        self._unreleased = 0
+
+    def _open(self, rank: int) -> dict[str, torch.Tensor]:
+        path = self.files.paths[rank]
+        records = storage_records(path)
+        if records is not None and records.keys() >= self.files.shapes.keys():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                flat = torch.frombuffer(mapping, dtype=torch.uint8)
+                state = {}
+                for key, shape in self.files.shapes.items():
+                    record, dtype = records[key], self.files.dtypes[key]
+                    if record.nbytes != math.prod(shape) * dtype.itemsize:
+                        raise ValueError(f"'{key}' does not fill its storage")
+                    state[key] = flat[record.start : record.start + record.nbytes].view(dtype).view(shape)
+            except (ValueError, RuntimeError, OSError):  # unaligned or partial storages: torch's loader
+                os.close(fd)
+            else:
+                self._maps[rank] = (fd, mapping, flat.data_ptr())
+                return state
+        return self.files.load(path)
 
     def tensors(self, key: str) -> list[torch.Tensor]:
-        for rank, path in enumerate(self.files.paths):
+        for rank in range(len(self.files.paths)):
             if rank not in self._states:
-                self._states[rank] = self.files.load(path)
+                self._states[rank] = self._open(rank)
         return [self._states[rank][key] for rank in range(len(self.files.paths))]
 
-    def account(self, nbytes: int) -> None:
-        self._read += nbytes
-        if self._read >= REMAP_BYTES:
-            self._states, self._read = {}, 0
+    def _where(self, tensor: torch.Tensor) -> Optional[tuple[int, int, int]]:
+        """(rank, start, end): the span of a source file that a view of its mapping covers."""
+        ptr = tensor.data_ptr()
+        for rank, (_, mapping, address) in self._maps.items():
+            if address <= ptr < address + len(mapping):
+                extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+                start = ptr - address
+                return rank, start, start + extent * tensor.element_size() * (tensor.numel() > 0)
+        return None
+
+    def locate(self, block: torch.Tensor) -> Optional[tuple[int, int]]:
+        """(file descriptor, offset) of a contiguous block that is a view of a source mapping."""
+        where = self._where(block) if block.is_contiguous() else None
+        return None if where is None else (self._maps[where[0]][0], where[1])
+
+    def done_with(self, tensor: torch.Tensor) -> None:
+        """The caller no longer needs `tensor`'s pages resident (a later read still works)."""
+        where = self._where(tensor)
+        if where is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        self._spans.append(where)
+        self._unreleased += where[2] - where[1]
+        while self._unreleased > RELEASE_LAG:
+            rank, start, end = self._spans.popleft()
+            self._unreleased -= end - start
+            first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                self._maps[rank][1].madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def close(self) -> None:
+        for fd, _, _ in self._maps.values():
+            os.close(fd)
+        self._states, self._maps = {}, {}
 
 
 def _check_replicated(key: str, tensors: list[torch.Tensor], paths: list[Path]) -> None:
@@ -250,20 +310,22 @@ def _check_replicated(key: str, tensors: list[torch.Tensor], paths: list[Path]) 
                             f"(max |diff| {diff:.3g}); the shards do not come from one checkpoint")
 
 
-def _row_blocks(parts: list[torch.Tensor], dim: int) -> Iterator[torch.Tensor]:
-    """The parts joined on `dim`, as blocks of whole rows of at most CHUNK_BYTES."""
+def _row_blocks(parts: list[torch.Tensor], dim: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """The parts joined on `dim`, as blocks of whole rows of at most CHUNK_BYTES, each with its rows."""
     if parts[0].dim() == 0:
-        yield parts[0]
+        yield parts[0], parts[:1]
         return
     row_bytes = sum(part[0].numel() for part in parts) * parts[0].element_size()
     step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for start in range(0, parts[0].shape[0], step):
         rows = [part[start : start + step] for part in parts]
-        yield rows[0] if len(rows) == 1 else torch.cat(rows, dim=dim)
+        yield rows[0] if len(rows) == 1 else torch.cat(rows, dim=dim), rows
 
 
-def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int, mp: int) -> Iterator[torch.Tensor]:
-    """Shard `rank` of M of the tensor that the sources make together, as row blocks in order.
+def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int,
+            mp: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Shard `rank` of M of the tensor that the sources make together, as row blocks in order,
+    each with the views of the sources it was made from.
 
     The full tensor is the sources joined on `dim`, and shard `rank` is its rank-th
     equal part on that dim: on dim 0, whole rows of one or a few sources; on dim 1,
@@ -291,23 +353,27 @@ def _reshard_files(files: _Sharded, mp: int, dst_paths: list[Path],
                    dtype_of: Callable[[str], torch.dtype]) -> dict[str, str]:
     """Write the M destination files of one kind straight from the N mapped sources; their sha256s."""
     sources, digests = _MappedSources(files), {}
-    for rank, path in enumerate(dst_paths):
-        specs = {}
-        for key in files.shapes:
-            shape, dim = list(files.full_shape(key)), files.dims[key]
-            if dim is not None:
-                shape[dim] //= mp
-            specs[key] = (tuple(shape), dtype_of(key))
+    try:
+        for rank, path in enumerate(dst_paths):
+            specs = {}
+            for key in files.shapes:
+                shape, dim = list(files.full_shape(key)), files.dims[key]
+                if dim is not None:
+                    shape[dim] //= mp
+                specs[key] = (tuple(shape), dtype_of(key))
 
-        def fill(key: str, rank: int = rank) -> Iterator[torch.Tensor]:
-            tensors = sources.tensors(key)
-            if files.dims[key] is None:
-                _check_replicated(key, tensors, files.paths)
-            for block in _pieces(tensors, files.dims[key], rank, mp):
-                yield block
-                sources.account(block.numel() * block.element_size())
+            def fill(key: str, rank: int = rank) -> Iterator[torch.Tensor]:
+                tensors = sources.tensors(key)
+                if files.dims[key] is None:
+                    _check_replicated(key, tensors, files.paths)
+                for block, rows in _pieces(tensors, files.dims[key], rank, mp):
+                    yield block
+                    for row in rows:
+                        sources.done_with(row)
 
-        digests[path.name] = save_streamed(path, specs, fill)
+            digests[path.name] = save_streamed(path, specs, fill, sources.locate)
+    finally:
+        sources.close()
     return digests
 
 
@@ -424,13 +490,16 @@ def iter_merged_tensors(ckpt_dir: PathLike) -> Iterator[tuple[str, torch.Tensor]
     """
     model = _inspect_model(Path(ckpt_dir))
     sources = _MappedSources(model.weights)
-    for key in model.weights.shapes:
-        tensors, dim = sources.tensors(key), model.weights.dims[key]
-        if dim is None:
-            _check_replicated(key, tensors, model.weights.paths)
-        merged = tensors[0] if dim is None or len(tensors) == 1 else torch.cat(tensors, dim=dim)
-        sources.account(merged.numel() * merged.element_size())
-        yield key, merged
+    try:
+        for key in model.weights.shapes:
+            tensors, dim = sources.tensors(key), model.weights.dims[key]
+            if dim is None:
+                _check_replicated(key, tensors, model.weights.paths)
+            yield key, tensors[0] if dim is None or len(tensors) == 1 else torch.cat(tensors, dim=dim)
+            for tensor in tensors:
+                sources.done_with(tensor)
+    finally:
+        sources.close()
 
 
 def load_merged_state_dict(ckpt_dir: PathLike) -> dict[str, torch.Tensor]:

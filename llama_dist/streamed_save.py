@@ -47,33 +47,76 @@ class _StorageRefs(pickle.Unpickler):
 
 
 @dataclass
-class _Hole:
+class StorageRecord:
     record: str  # the zip member that holds a tensor's storage
     start: int  # file offset of its bytes
     nbytes: int
-    crc_at: int  # file offset of its CRC-32, in the data descriptor that follows the bytes
+    crc_at: Optional[int]  # file offset of its CRC-32 in the data descriptor after the bytes; None: no descriptor
 
 
-def _storage_holes(path: Path) -> Optional[dict[str, _Hole]]:
-    """Where each tensor's bytes go in a torch.save file; None if the layout is not the known one."""
-    with zipfile.ZipFile(path) as zf:
-        pickle_name = next((n for n in zf.namelist() if n.endswith("/data.pkl")), "")
-        refs = _StorageRefs(io.BytesIO(zf.read(pickle_name))).load() if pickle_name else {}
-        infos = {info.filename: info for info in zf.infolist()}
-    prefix, holes = pickle_name[: -len("data.pkl")], {}
+def storage_records(path: Path) -> Optional[dict[str, StorageRecord]]:
+    """Where each tensor's bytes lie in a torch.save file of a flat dict; None if the layout is another."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pickle_name = next((n for n in zf.namelist() if n.endswith("/data.pkl")), "")
+            refs = _StorageRefs(io.BytesIO(zf.read(pickle_name))).load() if pickle_name else {}
+            infos = {info.filename: info for info in zf.infolist()}
+    except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, TypeError, EOFError):
+        return None
+    if not isinstance(refs, dict):
+        return None
+    prefix, records = pickle_name[: -len("data.pkl")], {}
     with open(path, "rb") as f:
-        for key, (storage, element_offset) in refs.items():
+        for key, ref in refs.items():
+            if not isinstance(ref, tuple):
+                return None
+            storage, element_offset = ref
             info = infos.get(f"{prefix}data/{storage}")
-            # torch stores each member uncompressed, followed by a data descriptor (flag bit 3)
-            if info is None or element_offset or info.compress_type != zipfile.ZIP_STORED or not info.flag_bits & 8:
+            # torch stores each member uncompressed (and, when it writes, with a data descriptor)
+            if info is None or element_offset or info.compress_type != zipfile.ZIP_STORED:
                 return None
             f.seek(info.header_offset)
             name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
             start = info.header_offset + 30 + name_len + extra_len
-            f.seek(start + info.file_size)
-            signature = f.read(4) == b"PK\x07\x08"  # the descriptor's signature is optional in zip
-            holes[key] = _Hole(info.filename, start, info.file_size, start + info.file_size + 4 * signature)
-    return holes if len(holes) == len(refs) > 0 else None
+            crc_at = None
+            if info.flag_bits & 8:
+                f.seek(start + info.file_size)
+                signature = f.read(4) == b"PK\x07\x08"  # the descriptor's signature is optional in zip
+                crc_at = start + info.file_size + 4 * signature
+            records[key] = StorageRecord(info.filename, start, info.file_size, crc_at)
+    return records if len(records) == len(refs) > 0 else None
+
+
+# CRC-32 of a concatenation from the CRC-32s of its parts: multiplication of polynomials
+# over GF(2) modulo the CRC's (bit-reflected) generator, as zlib's crc32_combine does it
+_CRC_POLY = 0xEDB88320
+
+
+def _multiply_mod_p(a: int, b: int) -> int:
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+def _x_to_8n_mod_p(nbytes: int) -> int:
+    """x^(8 * nbytes) mod p, by squaring."""
+    result, power = 1 << 31, 1 << 23  # x^0, x^8 (bit-reflected: x^k is bit 31 - k)
+    while nbytes:
+        if nbytes & 1:
+            result = _multiply_mod_p(power, result)
+        nbytes >>= 1
+        power = _multiply_mod_p(power, power)
+    return result
+
+
+def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """zlib.crc32(a + b) from zlib.crc32(a), zlib.crc32(b) and len(b)."""
+    return _multiply_mod_p(_x_to_8n_mod_p(len_b), crc_a) ^ crc_b
 
 
 def _pwrite_all(fd: int, data, pos: int) -> None:
@@ -105,16 +148,40 @@ def _patch_central_crcs(fd: int, crcs: dict[str, int]) -> None:
         pos += 46 + name_len + extra_len + comment_len
 
 
+def _copy_range(src_fd: int, src_pos: int, dst_fd: int, dst_pos: int, data: memoryview) -> None:
+    """`data` (bytes of src_fd at src_pos) into dst_fd at dst_pos: in the kernel where it can, else pwrite."""
+    done = 0
+    if _COPY_FILE_RANGE:
+        try:
+            while done < len(data):
+                copied = os.copy_file_range(src_fd, dst_fd, len(data) - done, src_pos + done, dst_pos + done)
+                if copied == 0:
+                    break
+                done += copied
+        except OSError:  # another file system, an old kernel: the bytes are in memory anyway
+            pass
+    _pwrite_all(dst_fd, data[done:], dst_pos + done)
+
+
+# Blocks between the one being stitched and the ones being written and hashed: a bound on
+# the memory held (each at most a reshard's CHUNK_BYTES) that still keeps both cores busy.
+IN_FLIGHT = 4
+_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+
+
 def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                   fill: Callable[[str], Iterator[torch.Tensor]]) -> str:
+                  fill: Callable[[str], Iterator[torch.Tensor]],
+                  locate: Optional[Callable[[torch.Tensor], Optional[tuple[int, int]]]] = None) -> str:
     """A torch.load-able file of `specs` whose bytes come from fill(key) block by block; its sha256.
 
     torch.save wants every tensor in memory at once. Instead: save placeholders under
     skip_data (torch.empty reserves address space that stays untouched, so not
-    resident; the file gets a hole per storage), write the bytes into the holes in
-    file order, then the CRC-32s, which torch's zip keeps after the data. One
-    background thread hashes and writes (a write to a slow disk sleeps in the
-    kernel's dirty-page throttling) while this one stitches the next block.
+    resident; the file gets a hole per storage), write the bytes into the holes, then
+    the CRC-32s, which torch's zip keeps after the data. `locate(block)` may say
+    that a block is the bytes of an open file at an offset (a memory-mapped source):
+    those are copied by the kernel. A block's write, its CRC-32 (combined per record
+    with crc32_combine) and its share of the file's sha256 run in threads of their
+    own, so the three passes over the bytes share the cores.
     """
     tmp, holes = Path(f"{path}.tmp"), None
     if _STREAMING_SAVE:
@@ -122,54 +189,82 @@ def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtyp
         with torch.serialization.skip_data():
             torch.save(placeholders, tmp)
         del placeholders
-        holes = _storage_holes(tmp)
+        holes = storage_records(tmp)
+        if holes is not None and any(hole.crc_at is None for hole in holes.values()):
+            holes = None
     if holes is None:  # no skip_data, or a layout we do not know: a plain torch.save
         torch.save({k: torch.cat([b.reshape(-1).to(dtype) for b in fill(k)]).view(shape)
                     for k, (shape, dtype) in specs.items()}, tmp)
         os.replace(tmp, path)
         return sha256_file(path)
-    digest, hashed, crcs, pending = hashlib.sha256(), 0, {}, collections.deque()
+    digest, crcs, in_flight = hashlib.sha256(), {}, collections.deque()
     fd = os.open(tmp, os.O_RDWR)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamed-save")
+    # writes to one file serialise on its inode lock: one writer thread; CRC-32s in parallel
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamed-write")
+    crc_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="streamed-crc")
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamed-hash")
 
-    def write(data: memoryview, pos: int) -> None:  # the jobs run in the writer thread, in file order
-        digest.update(data)
-        _pwrite_all(fd, data, pos)
+    def write(data: memoryview, pos: int, source: Optional[tuple[int, int]]) -> None:
+        if source is None:
+            _pwrite_all(fd, data, pos)
+        else:
+            _copy_range(source[0], source[1], fd, pos, data)
 
-    def hash_file(start: int, end: int) -> None:  # zip headers and descriptors, final by now
-        digest.update(os.pread(fd, end - start, start))
+    def close_record(hole: StorageRecord, parts: list) -> None:
+        """The record's CRC-32 from its blocks', into its data descriptor (before that is hashed)."""
+        crc = 0
+        for part, nbytes in parts:
+            crc = crc32_combine(crc, part.result(), nbytes)
+        _pwrite_all(fd, struct.pack("<I", crc), hole.crc_at)
+        crcs[hole.record] = crc
 
-    def submit(*job) -> None:
-        pending.append(pool.submit(*job))
-        while len(pending) > 2:
-            pending.popleft().result()  # re-raises a failed write, e.g. a full disk
+    def hash_file(start: int, end: int) -> None:
+        while start < end:
+            block = os.pread(fd, min(end - start, 16 << 20), start)
+            if not block:
+                raise RuntimeError(f"{path.name} is shorter than its zip directory says")
+            digest.update(block)
+            start += len(block)
+
+    def hash_gap(previous: Optional[tuple[StorageRecord, list]], start: int, end: int) -> None:
+        if previous is not None:
+            close_record(*previous)
+        hash_file(start, end)
+
+    def submit(*jobs) -> None:
+        in_flight.append(jobs)
+        while len(in_flight) > IN_FLIGHT:
+            for job in in_flight.popleft():
+                job.result()  # re-raises a failed write, e.g. a full disk
 
     try:
+        previous, hashed = None, 0
         for key, hole in sorted(holes.items(), key=lambda item: item[1].start):
-            submit(hash_file, hashed, hole.start)
-            pos, crc = hole.start, 0
+            submit(hasher.submit(hash_gap, previous, hashed, hole.start))
+            pos, parts = hole.start, []
             for block in fill(key):
-                data = memoryview(block.to(specs[key][1]).contiguous().reshape(-1).view(torch.uint8).numpy())
+                block = block.to(specs[key][1])
+                source = locate(block) if locate is not None else None
+                data = memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy())
                 if pos + len(data) > hole.start + hole.nbytes:
                     raise RuntimeError(f"'{key}' overflows its {hole.nbytes} bytes in {path.name}")
-                crc = zlib.crc32(data, crc)
-                submit(write, data, pos)
+                parts.append((crc_pool.submit(zlib.crc32, data), len(data)))
+                submit(parts[-1][0], writer.submit(write, data, pos, source), hasher.submit(digest.update, data))
                 pos += len(data)
             if pos != hole.start + hole.nbytes:
                 raise RuntimeError(f"'{key}' filled {pos - hole.start} of its {hole.nbytes} bytes in {path.name}")
-            # before the job that hashes this descriptor is submitted, at the next hole
-            _pwrite_all(fd, struct.pack("<I", crc), hole.crc_at)
-            crcs[hole.record], hashed = crc, pos
-        while pending:
-            pending.popleft().result()
+            previous, hashed = (hole, parts), pos
+        # the last descriptors and the central directory, once its CRC-32s are patched
+        hasher.submit(close_record, *previous).result()
+        while in_flight:
+            for job in in_flight.popleft():
+                job.result()
         _patch_central_crcs(fd, crcs)
-        size = os.fstat(fd).st_size
-        while hashed < size:  # the last descriptors and the central directory
-            block = os.pread(fd, min(size - hashed, 16 << 20), hashed)
-            digest.update(block)
-            hashed += len(block)
+        hash_file(hashed, os.fstat(fd).st_size)
     finally:
-        pool.shutdown(wait=True)  # no write may land after the fd is closed
+        # no write may land after the fd is closed
+        for pool in (writer, crc_pool, hasher):
+            pool.shutdown(wait=True, cancel_futures=True)
         os.close(fd)
     os.replace(tmp, path)
     return digest.hexdigest()

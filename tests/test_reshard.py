@@ -207,6 +207,81 @@ def test_plain_torch_save_fallback_writes_the_same_tensors(tmp_path, training_ck
     assert_committed_checkpoint(tmp_path / "plain")
 
 
+def test_crc32_combine_matches_zlib_on_the_joined_bytes():
+    import os
+    import random
+    import zlib
+
+    from llama_dist.streamed_save import crc32_combine
+
+    rng = random.Random(0)
+    for len_b in (0, 1, 7, 64, 4096, 100_003):
+        a, b = os.urandom(rng.randrange(0, 3000)), os.urandom(len_b)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b), len_b
+
+
+@pytest.mark.parametrize("variant", ["small blocks, eager page release", "no copy_file_range",
+                                     "copy_file_range fails", "sources of an unknown layout"])
+def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, monkeypatch, variant):
+    """Blocks of 256 bytes (many CRC-32s combined per record, source pages released after
+    every block), kernel copies off or failing, torch.load instead of the zip layout."""
+    import errno
+
+    from llama_dist import reshard as reshard_module
+    from llama_dist import streamed_save
+
+    src, _, _ = training_ckpt
+    located = []
+    real_copy = streamed_save._copy_range
+    monkeypatch.setattr(streamed_save, "_copy_range", lambda *a: located.append(1) or real_copy(*a))
+    reshard(src, tmp_path / "reference", 2)
+    assert located, "contiguous pieces of a mapped source should be located in their file"
+
+    if variant.startswith("small"):
+        monkeypatch.setattr(reshard_module, "CHUNK_BYTES", 256)
+        monkeypatch.setattr(reshard_module, "RELEASE_LAG", 0)
+    elif variant == "no copy_file_range":
+        monkeypatch.setattr(streamed_save, "_COPY_FILE_RANGE", False)
+    elif variant == "copy_file_range fails":
+        def cross_device(*_):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(streamed_save.os, "copy_file_range", cross_device, raising=False)
+        monkeypatch.setattr(streamed_save, "_COPY_FILE_RANGE", True)
+    else:
+        monkeypatch.setattr(reshard_module, "storage_records", lambda path: None)
+    located.clear()
+    reshard(src, tmp_path / "variant", 2)
+    assert bool(located) == variant.startswith(("small", "copy_file_range", "no copy"))
+    for name in ("consolidated.00.pth", "consolidated.01.pth", "optimizer.00.pt", "optimizer.01.pt"):
+        assert (tmp_path / "variant" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    assert_committed_checkpoint(tmp_path / "variant")
+    reshard(tmp_path / "variant", tmp_path / "back", 1)
+    assert_same(load(tmp_path / "back" / "consolidated.00.pth"), load(src / "consolidated.00.pth"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from Linux's /proc")
+def test_pages_read_from_a_source_leave_the_resident_set(tmp_path, monkeypatch):
+    from llama_dist import reshard as reshard_module
+    from llama_dist.meta_format import load_shard
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+    torch.save({"w": torch.randn(16 << 20)}, tmp_path / "big.pth")  # 64 MiB
+    files = reshard_module._Sharded([tmp_path / "big.pth"], load_shard, {"w": torch.Size([16 << 20])},
+                                    {"w": torch.float32}, {"w": None})
+    sources = reshard_module._MappedSources(files)
+    weight = sources.tensors("w")[0]
+    before = resident_mib()
+    total = weight.sum().item()  # reads every page through the mapping
+    assert resident_mib() - before > 48
+    monkeypatch.setattr(reshard_module, "RELEASE_LAG", 0)
+    sources.done_with(weight)
+    assert resident_mib() - before < 16
+    assert weight.sum().item() == total  # released pages read back from the page cache
+    sources.close()
+
+
 def test_source_is_never_touched(tmp_path, training_ckpt):
     src, _, _ = training_ckpt
     before = {p.name: (sha256(p), p.stat().st_mtime_ns) for p in src.iterdir()}
