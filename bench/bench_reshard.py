@@ -5,7 +5,9 @@
 
 Writes a synthetic mp=2 checkpoint (random tensors in Meta's names and shard
 shapes, no model built), then times in child processes, each after an `os.sync()`:
-a copy of its files (shutil.copytree), `llama-dist reshard` 2 -> 1 and 1 -> 2.
+a copy of its files (shutil.copytree), one sha256 and one CRC-32 pass over them (what
+a reshard must add to a copy: the manifest's hashes and the zip's checksums of the
+new files), `llama-dist reshard` 2 -> 1 and 1 -> 2.
 Peak RSS is each child's own ru_maxrss (os.wait4); this parent never imports torch,
 because a child's ru_maxrss starts from the parent's resident set at fork. Goal of
 issue 5: time <= 2x the copy, peak RSS <= half the checkpoint's size. Deletes
@@ -24,6 +26,12 @@ import time
 from pathlib import Path
 
 GiB = 2**30
+HASH_FILES = """
+import hashlib, mmap, os, sys, zlib
+for path in sorted(os.scandir(sys.argv[1]), key=lambda entry: entry.name):
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        hashlib.sha256(data).hexdigest(), zlib.crc32(data)
+"""
 
 
 def meta_shapes(args) -> dict[str, tuple[int, ...]]:
@@ -140,6 +148,8 @@ def main() -> None:
         rows = [("copy (shutil.copytree)", run_child(
             [python, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])", str(src), str(copy)]))]
         shutil.rmtree(copy)
+        # what a verified copy adds: the sha256 (manifest) and CRC-32 (zip) of every byte, one pass each
+        rows.append(("sha256 + CRC-32 of it", run_child([python, "-c", HASH_FILES, str(src)])))
         cli = [python, "-m", "llama_dist.cli", "reshard"]
         rows.append(("reshard 2 -> 1", run_child(cli + [str(src), str(mp1), "--mp", "1"])))
         rows.append(("reshard 1 -> 2", run_child(cli + [str(mp1), str(mp2), "--mp", "2"])))
@@ -148,7 +158,7 @@ def main() -> None:
         print(f"\n{'':24} {'seconds':>8} {'x copy':>7} {'+sync s':>8} {'x copy':>7} {'net x':>6} {'CPU s':>6} "
               f"{'peak RSS':>10} {'/ size':>7}")
         for index, (name, (seconds, synced, rss, cpu)) in enumerate(rows):
-            net = (seconds - floor[0] * (index > 0)) / copy_s  # less the python + torch start-up
+            net = (seconds - floor[0] * name.startswith("reshard")) / copy_s  # less the python + torch start-up
             print(f"{name:24} {seconds:8.1f} {seconds / copy_s:7.2f} {synced:8.1f} {synced / copy_synced:7.2f} "
                   f"{net:6.2f} {cpu:6.1f} {rss / GiB:8.2f} G {rss / size:7.1%}")
         print(f"('+sync': until os.sync() returns. The reshard times include starting python and importing "
