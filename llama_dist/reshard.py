@@ -520,9 +520,13 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     # stitching rows is memory-bound, and the write, CRC-32 and sha256 threads already fill
     # the cores: OpenMP workers spinning between the copies would only take time from them
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    reshard(args.src, args.dst, args.mp, dtype=args.dtype, force=args.force)
+    try:
+        reshard(args.src, args.dst, args.mp, dtype=args.dtype, force=args.force)
+    finally:
+        torch.set_num_threads(threads)  # the CLI can be called in-process
     size = sum(p.stat().st_size for p in Path(args.dst).iterdir())
     print(f"resharded {args.src} -> {args.dst} (mp={args.mp}, {size / 2**30:.2f} GiB) "
           f"in {time.perf_counter() - start:.1f}s")
