@@ -486,7 +486,9 @@ def iter_merged_tensors(ckpt_dir: PathLike) -> Iterator[tuple[str, torch.Tensor]
     """The full (unsharded) weights one at a time, in file order, so a caller can hold just a few.
 
     A single-shard checkpoint's tensors (and replicated ones) come as copy-on-write
-    memory-mapped views of the file rather than copies.
+    memory-mapped views of the file rather than copies. Copy one before changing it
+    in place while iterating: the pages of views already yielded are released as the
+    iteration goes on, and a released page reads back from the file.
     """
     model = _inspect_model(Path(ckpt_dir))
     sources = _MappedSources(model.weights)
