@@ -1,7 +1,7 @@
 """`llama-dist export-hf CKPT OUT`: a checkpoint as a transformers LlamaForCausalLM directory.
 
 The weights are merged from any number of shards one tensor at a time
-(`reshard.iter_merged_tensors`), renamed to transformers' keys, and the rows of wq
+(`sharded_source.iter_merged_tensors`), renamed to transformers' keys, and the rows of wq
 and wk reordered from Meta's rotary layout to transformers'. They are written as
 safetensors, in pieces of at most `max_shard_bytes` with an index when the model is
 bigger than that, next to config.json and the sentencepiece tokenizer. Everything
@@ -26,7 +26,8 @@ from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
 from llama_dist.meta_format import TOKENIZER_FILE, read_params
 from llama_dist.model import ModelArgs
-from llama_dist.reshard import CONFIG_FILE, DTYPES, PathLike, iter_merged_tensors, parse_dtype, staged_directory
+from llama_dist.reshard import CONFIG_FILE, DTYPES, PathLike, parse_dtype, staged_directory
+from llama_dist.sharded_source import iter_merged_tensors
 
 MAX_SHARD_BYTES = 2 << 30  # one safetensors file is held in memory while it is written
 LAYER_NAMES = {

@@ -148,20 +148,22 @@ def test_build_refuses_a_checkpoint_of_another_mp_size(tmp_path, ckpt1, tokenize
 def test_build_errors_are_one_line(tmp_path, ckpt1, tokenizer_path):
     with pytest.raises(UserError, match="does not exist"):
         Llama.build(tmp_path / "missing", tokenizer_path, 32, 1)
-    wrong_vocab = tmp_path / "vocab"
-    shutil.copytree(ckpt1, wrong_vocab)
-    args = meta_format.read_params(ckpt1)
-    args.vocab_size += 2
-    meta_format.write_params(wrong_vocab, args)
+    def copy_with_params(name: str, **changes: int):
+        """ckpt1's shards under params.json whose fields are increased by `changes`."""
+        copy = tmp_path / name
+        shutil.copytree(ckpt1, copy)
+        args = meta_format.read_params(ckpt1)
+        for field, increase in changes.items():
+            setattr(args, field, getattr(args, field) + increase)
+        meta_format.write_params(copy, args)
+        return copy
+
+    wrong_vocab = copy_with_params("vocab", vocab_size=2)
     with pytest.raises(UserError, match=r"has \d+ tokens but .* vocab_size"):
         Llama.build(wrong_vocab, None, 32, 1)
     with pytest.raises(UserError, match="tokenizer .* not found"):
         Llama.build(ckpt1, tmp_path / "nope.model", 32, 1)
-    deeper = tmp_path / "deeper"
-    shutil.copytree(ckpt1, deeper)
-    args = meta_format.read_params(ckpt1)
-    args.n_layers += 1
-    meta_format.write_params(deeper, args)
+    deeper = copy_with_params("deeper", n_layers=1)
     with pytest.raises(UserError, match=r"consolidated.00.pth does not match params.json at mp=1: .*layers\.2\."):
         Llama.build(deeper, None, 32, 1)
 

@@ -22,7 +22,8 @@ from llama_dist.distributed import init_distributed, seed_everything
 from llama_dist.errors import UserError
 from llama_dist.meta_format import read_params, write_params
 from llama_dist.model import ModelArgs, Transformer
-from llama_dist.reshard import load_merged_state_dict, reshard
+from llama_dist.reshard import reshard
+from llama_dist.sharded_source import load_merged_state_dict
 
 LLAMA2 = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=96, multiple_of=16, max_seq_len=32)
 LLAMA3 = dataclasses.replace(LLAMA2, rope_theta=500000.0)
@@ -228,7 +229,7 @@ def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, mon
     import errno
 
     from llama_dist import reshard as reshard_module
-    from llama_dist import streamed_save
+    from llama_dist import sharded_source, streamed_save
 
     src, _, _ = training_ckpt
     located = []
@@ -239,7 +240,7 @@ def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, mon
 
     if variant.startswith("small"):
         monkeypatch.setattr(reshard_module, "CHUNK_BYTES", 256)
-        monkeypatch.setattr(reshard_module, "RELEASE_LAG", 0)
+        monkeypatch.setattr(sharded_source, "RELEASE_LAG", 0)
     elif variant == "no copy_file_range":
         monkeypatch.setattr(streamed_save, "_COPY_FILE_RANGE", False)
     elif variant == "copy_file_range fails":
@@ -248,7 +249,7 @@ def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, mon
         monkeypatch.setattr(streamed_save.os, "copy_file_range", cross_device, raising=False)
         monkeypatch.setattr(streamed_save, "_COPY_FILE_RANGE", True)
     else:
-        monkeypatch.setattr(reshard_module, "storage_records", lambda path: None)
+        monkeypatch.setattr(sharded_source, "storage_records", lambda path: None)
     located.clear()
     reshard(src, tmp_path / "variant", 2)
     assert bool(located) == variant.startswith(("small", "copy_file_range", "no copy"))
@@ -261,21 +262,21 @@ def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, mon
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from Linux's /proc")
 def test_pages_read_from_a_source_leave_the_resident_set(tmp_path, monkeypatch):
-    from llama_dist import reshard as reshard_module
+    from llama_dist import sharded_source
     from llama_dist.meta_format import load_shard
 
     def resident_mib() -> float:
         return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
 
     torch.save({"w": torch.randn(16 << 20)}, tmp_path / "big.pth")  # 64 MiB
-    files = reshard_module._Sharded([tmp_path / "big.pth"], load_shard, {"w": torch.Size([16 << 20])},
+    files = sharded_source.Sharded([tmp_path / "big.pth"], load_shard, {"w": torch.Size([16 << 20])},
                                     {"w": torch.float32}, {"w": None})
-    sources = reshard_module._MappedSources(files)
+    sources = sharded_source.MappedSources(files)
     weight = sources.tensors("w")[0]
     before = resident_mib()
     total = weight.sum().item()  # reads every page through the mapping
     assert resident_mib() - before > 48
-    monkeypatch.setattr(reshard_module, "RELEASE_LAG", 0)
+    monkeypatch.setattr(sharded_source, "RELEASE_LAG", 0)
     sources.done_with(weight)
     assert resident_mib() - before < 16
     assert weight.sum().item() == total  # released pages read back from the page cache
