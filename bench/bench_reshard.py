@@ -4,10 +4,14 @@
     python bench/bench_reshard.py --dir /scratch --layers 8 --keep
 
 Writes a synthetic mp=2 checkpoint (random tensors in Meta's names and shard
-shapes, no model built), then times in child processes, each after an `os.sync()`:
-a copy of its files (shutil.copytree), one sha256 and one CRC-32 pass over them (what
-a reshard must add to a copy: the manifest's hashes and the zip's checksums of the
-new files), `llama-dist reshard` 2 -> 1 and 1 -> 2.
+shapes, no model built), then times in child processes, each after an `os.sync()`,
+in a warm-up and --rounds rounds of: a copy of its files (shutil.copytree), one sha256 and one
+CRC-32 pass over them (what a reshard must add to a copy: the manifest's hashes and
+the zip's checksums of the new files), `llama-dist reshard` 2 -> 1 and 1 -> 2.
+On a VM the cost of writing fresh pages drifts several-fold from minute to minute
+(a copy of the same files took 1.8 s and 7 s on the same host), so each writer first
+deletes its output of the round before, and each figure is the median of its ratio
+to the copy of its own round.
 Peak RSS is each child's own ru_maxrss (os.wait4); this parent never imports torch,
 because a child's ru_maxrss starts from the parent's resident set at fork. Goal of
 issue 5: time <= 2x the copy, peak RSS <= half the checkpoint's size. Deletes
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,6 +121,33 @@ def child_main(argv: list[str]) -> None:
         sys.exit(0 if ok else 1)
 
 
+Row = tuple[float, float, int, float]  # run_child's figures
+
+
+def timed_round(python: str, src: Path, root: Path) -> dict[str, Row]:
+    """One copy, one sha256 + CRC-32 pass, one reshard 2 -> 1 and one 1 -> 2.
+
+    Each writer first deletes what it wrote in the round before: on a VM, pages just
+    freed are cheap to write again and pages long free are not, so every writer gets
+    the same start (the first round, with nothing to delete, is a warm-up).
+    """
+    copy, mp1, mp2 = root / "copy", root / "mp1", root / "mp2-again"
+    rows = {}
+
+    def write(name: str, out: Path, cmd: list[str]) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        rows[name] = run_child(cmd + [str(out)])
+
+    write("copy (shutil.copytree)", copy,
+          [python, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])", str(src)])
+    # what a verified copy adds: the sha256 (manifest) and CRC-32 (zip) of every byte, one pass each
+    rows["sha256 + CRC-32 of it"] = run_child([python, "-c", HASH_FILES, str(src)])
+    cli = [python, "-m", "llama_dist.cli", "reshard", "--mp"]
+    write("reshard 2 -> 1", mp1, cli + ["1", str(src)])
+    write("reshard 1 -> 2", mp2, cli + ["2", str(mp1)])
+    return rows
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("_write", "_compare"):
         return child_main(sys.argv[1:])
@@ -125,19 +157,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (copy, hash, reshard 2 -> 1, 1 -> 2)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     opts = parser.parse_args()
 
     free, layers = shutil.disk_usage(opts.dir).free, opts.layers
-    # the mp=2 source, its copy (deleted after timing), the mp=1 and mp=2 results, plus slack
-    while layers > 1 and 3.5 * 4 * n_params(opts.dim, layers, opts.vocab) > free:
+    # the mp=2 source, its copy, the mp=1 and mp=2 results, plus slack
+    while layers > 1 and 4.5 * 4 * n_params(opts.dim, layers, opts.vocab) > free:
         layers -= 1
     if layers != opts.layers:
         print(f"note: only {free / GiB:.1f} GiB free in {opts.dir}; scaled down to {layers} layers")
     root = Path(tempfile.mkdtemp(prefix="bench_reshard-", dir=opts.dir))
     python, me = sys.executable, str(Path(__file__).resolve())
     try:
-        src, copy, mp1, mp2 = (root / name for name in ("mp2", "copy", "mp1", "mp2-again"))
+        src = root / "mp2"
         written = run_child([python, me, "_write", str(src), str(opts.dim), str(layers), str(opts.heads),
                              str(opts.vocab)])[0]
         size = sum(p.stat().st_size for p in src.iterdir())
@@ -145,27 +178,38 @@ def main() -> None:
               f"{layers} layers, vocab {opts.vocab}), fp32 mp=2, {size / GiB:.2f} GiB; written in {written:.0f}s")
 
         floor = run_child([python, "-c", "import llama_dist.reshard"])
-        rows = [("copy (shutil.copytree)", run_child(
-            [python, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])", str(src), str(copy)]))]
-        shutil.rmtree(copy)
-        # what a verified copy adds: the sha256 (manifest) and CRC-32 (zip) of every byte, one pass each
-        rows.append(("sha256 + CRC-32 of it", run_child([python, "-c", HASH_FILES, str(src)])))
-        cli = [python, "-m", "llama_dist.cli", "reshard"]
-        rows.append(("reshard 2 -> 1", run_child(cli + [str(src), str(mp1), "--mp", "1"])))
-        rows.append(("reshard 1 -> 2", run_child(cli + [str(mp1), str(mp2), "--mp", "2"])))
+        rounds = []
+        for index in range(opts.rounds + 1):
+            rounds.append(timed_round(python, src, root))
+            print(f"{f'round {index}' if index else 'warm-up'}: " + ", ".join(
+                f"{name.split(' (')[0]} {row[0]:.1f}s" for name, row in rounds[-1].items()), flush=True)
+        del rounds[0]
 
-        copy_s, copy_synced = rows[0][1][:2]
-        print(f"\n{'':24} {'seconds':>8} {'x copy':>7} {'+sync s':>8} {'x copy':>7} {'net x':>6} {'CPU s':>6} "
+        # each figure is the median over rounds of its ratio to the copy of the same round: how fast
+        # this VM writes fresh pages drifts by several times between minutes, and both sides feel it
+        def median_of(name: str, pick) -> float:
+            return statistics.median(pick(r[name], r["copy (shutil.copytree)"]) for r in rounds)
+
+        print(f"\nmedians over {opts.rounds} rounds; 'x copy' is the median of each round's ratio to its own copy")
+        print(f"{'':24} {'seconds':>8} {'x copy':>7} {'+sync s':>8} {'x copy':>7} {'net x':>6} {'CPU s':>6} "
               f"{'peak RSS':>10} {'/ size':>7}")
-        for index, (name, (seconds, synced, rss, cpu)) in enumerate(rows):
-            net = (seconds - floor[0] * name.startswith("reshard")) / copy_s  # less the python + torch start-up
-            print(f"{name:24} {seconds:8.1f} {seconds / copy_s:7.2f} {synced:8.1f} {synced / copy_synced:7.2f} "
+        for name in rounds[0]:
+            startup = floor[0] * name.startswith("reshard")  # python + torch start-up, in the reshard child
+            seconds = median_of(name, lambda row, copy: row[0])
+            ratio = median_of(name, lambda row, copy: row[0] / copy[0])
+            synced = median_of(name, lambda row, copy: row[1])
+            synced_ratio = median_of(name, lambda row, copy: row[1] / copy[1])
+            net = median_of(name, lambda row, copy, startup=startup: (row[0] - startup) / copy[0])
+            cpu = median_of(name, lambda row, copy: row[3])
+            rss = max(r[name][2] for r in rounds)
+            print(f"{name:24} {seconds:8.1f} {ratio:7.2f} {synced:8.1f} {synced_ratio:7.2f} "
                   f"{net:6.2f} {cpu:6.1f} {rss / GiB:8.2f} G {rss / size:7.1%}")
-        print(f"('+sync': until os.sync() returns. The reshard times include starting python and importing "
-              f"torch: {floor[0]:.1f}s, {floor[3]:.1f} CPU s, {floor[2] / GiB:.2f} GiB peak RSS on its own.)")
+        print(f"('+sync': until os.sync() returns; 'net x': less starting python and importing torch, "
+              f"{floor[0]:.1f}s, {floor[3]:.1f} CPU s, {floor[2] / GiB:.2f} GiB peak RSS on its own; "
+              f"peak RSS is the highest of the rounds.)")
         print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(f"goal: reshard <= 2x copy time, peak RSS <= {size / 2 / GiB:.2f} GiB (half the checkpoint)")
-        subprocess.run([python, me, "_compare", str(src), str(mp2)], check=True)
+        subprocess.run([python, me, "_compare", str(src), str(root / "mp2-again")], check=True)
     finally:
         if opts.keep:
             print(f"kept {root}")
