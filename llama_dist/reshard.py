@@ -41,7 +41,7 @@ from llama_dist.files import atomic_write_text, sha256_file
 from llama_dist.meta_format import shard_file
 from llama_dist.sharded_source import (MappedSources, ModelShards, PathLike, Sharded, check_replicated,
                                        inspect_model, read_sharded)
-from llama_dist.streamed_save import save_streamed
+from llama_dist.streamed_save import Block, save_streamed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHUNK_BYTES = 32 << 20  # the most of one destination tensor assembled at once
@@ -134,8 +134,11 @@ def _training_texts(src: Path, n: int, mp: int) -> dict[str, str]:
 
 
 
-def _row_blocks(parts: list[torch.Tensor], dim: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-    """The parts joined on `dim`, as blocks of whole rows of at most CHUNK_BYTES, each with its rows."""
+def _row_blocks(parts: list[torch.Tensor], dim: int) -> Iterator[tuple[Block, list[torch.Tensor]]]:
+    """The parts joined on `dim`, as blocks of whole rows of at most CHUNK_BYTES, each with its rows.
+
+    Rows of several parts stay a list, which save_streamed joins into a buffer it reuses.
+    """
     if parts[0].dim() == 0:
         yield parts[0], parts[:1]
         return
@@ -143,11 +146,14 @@ def _row_blocks(parts: list[torch.Tensor], dim: int) -> Iterator[tuple[torch.Ten
     step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for start in range(0, parts[0].shape[0], step):
         rows = [part[start : start + step] for part in parts]
-        yield rows[0] if len(rows) == 1 else torch.cat(rows, dim=dim), rows
+        if len(rows) == 1:
+            yield rows[0], rows
+        else:
+            yield rows if dim == rows[0].dim() - 1 else torch.cat(rows, dim=dim), rows
 
 
 def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int,
-            mp: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+            mp: int) -> Iterator[tuple[Block, list[torch.Tensor]]]:
     """Shard `rank` of M of the tensor that the sources make together, as row blocks in order,
     each with the views of the sources it was made from.
 
@@ -186,7 +192,7 @@ def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path],
                     shape[dim] //= mp
                 specs[key] = (tuple(shape), dtype_of(key))
 
-            def fill(key: str, rank: int = rank) -> Iterator[torch.Tensor]:
+            def fill(key: str, rank: int = rank) -> Iterator[Block]:
                 tensors = sources.tensors(key)
                 if files.dims[key] is None:
                     check_replicated(key, tensors, files.paths)

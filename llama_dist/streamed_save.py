@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
@@ -19,7 +20,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -172,16 +173,58 @@ def _copy_range(src_fd: int, src_pos: int, dst_fd: int, dst_pos: int, data: memo
 IN_FLIGHT = 4
 _COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 
+# What fill(key) yields: a tensor, or parts to be joined on their last dimension
+Block = Union[torch.Tensor, list[torch.Tensor]]
+
+
+class _Staging:
+    """Buffers, used in turn, for blocks that must be assembled (joined, made contiguous or cast).
+
+    A new buffer per block would be faulted in page by page every time, which on a VM
+    costs several times the copy itself. The ring has IN_FLIGHT + 1 buffers: a buffer
+    comes round again only after IN_FLIGHT more blocks have been submitted, and by
+    then the block it held has been written, CRC-ed and hashed.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[Optional[torch.Tensor]] = [None] * (IN_FLIGHT + 1)
+        self._next = 0
+
+    def assemble(self, block: Block, dtype: torch.dtype) -> torch.Tensor:
+        """`block` as one contiguous tensor of `dtype`, copied into a buffer only if it must be."""
+        if isinstance(block, torch.Tensor):
+            if block.dtype == dtype and block.is_contiguous():
+                return block
+            shape = block.shape
+        else:
+            shape = (*block[0].shape[:-1], sum(part.shape[-1] for part in block))
+        nbytes = math.prod(shape) * dtype.itemsize
+        index, self._next = self._next, (self._next + 1) % len(self._buffers)
+        buffer = self._buffers[index]
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self._buffers[index] = torch.empty(nbytes, dtype=torch.uint8)
+        staged = buffer[:nbytes].view(dtype).view(shape)
+        if isinstance(block, torch.Tensor):
+            staged.copy_(block)
+        else:
+            torch.cat(block, dim=-1, out=staged)
+        return staged
+
+
+def _joined(block: Block) -> torch.Tensor:
+    return block if isinstance(block, torch.Tensor) else torch.cat(block, dim=-1)
+
 
 def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                  fill: Callable[[str], Iterator[torch.Tensor]],
+                  fill: Callable[[str], Iterator[Block]],
                   locate: Optional[Callable[[torch.Tensor], Optional[tuple[int, int]]]] = None) -> str:
     """A torch.load-able file of `specs` whose bytes come from fill(key) block by block; its sha256.
 
     torch.save wants every tensor in memory at once. Instead: save placeholders under
     skip_data (torch.empty reserves address space that stays untouched, so not
     resident; the file gets a hole per storage), write the bytes into the holes, then
-    the CRC-32s, which torch's zip keeps after the data. `locate(block)` may say
+    the CRC-32s, which torch's zip keeps after the data. A block may be a list of
+    parts joined on their last dimension (rows stitched from shards). `locate(block)` may say
     that a block is the bytes of an open file at an offset (a memory-mapped source):
     those are copied by the kernel. A block's write, its CRC-32 (combined per record
     with crc32_combine) and its share of the file's sha256 run in threads of their
@@ -197,11 +240,11 @@ def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtyp
         if holes is not None and any(hole.crc_at is None for hole in holes.values()):
             holes = None
     if holes is None:  # no skip_data, or a layout we do not know: a plain torch.save
-        torch.save({k: torch.cat([b.reshape(-1).to(dtype) for b in fill(k)]).view(shape)
+        torch.save({k: torch.cat([_joined(b).reshape(-1).to(dtype) for b in fill(k)]).view(shape)
                     for k, (shape, dtype) in specs.items()}, tmp)
         os.replace(tmp, path)
         return sha256_file(path)
-    digest, crcs, in_flight = hashlib.sha256(), {}, collections.deque()
+    digest, crcs, in_flight, staging = hashlib.sha256(), {}, collections.deque(), _Staging()
     fd = os.open(tmp, os.O_RDWR)
     # writes to one file serialise on its inode lock: one writer thread; CRC-32s in parallel
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamed-write")
@@ -247,9 +290,9 @@ def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtyp
             submit(hasher.submit(hash_gap, previous, hashed, hole.start))
             pos, parts = hole.start, []
             for block in fill(key):
-                block = block.to(specs[key][1])
+                block = staging.assemble(block, specs[key][1])
                 source = locate(block) if locate is not None else None
-                data = memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy())
+                data = memoryview(block.reshape(-1).view(torch.uint8).numpy())
                 if pos + len(data) > hole.start + hole.nbytes:
                     raise RuntimeError(f"'{key}' overflows its {hole.nbytes} bytes in {path.name}")
                 parts.append((crc_pool.submit(crc32, data), len(data)))
