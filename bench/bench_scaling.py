@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from llama_dist import distributed
+from llama_dist.allocator import keep_freed_memory
 from llama_dist.config import load_config
 from llama_dist.model import Transformer, count_parameters
 from llama_dist.train import build_optimizer
@@ -69,6 +70,7 @@ def rank_main(rank: int, world: int, port: int, opts: argparse.Namespace, result
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    keep_freed_memory()  # as train.train does on CPU
     info = distributed.init_distributed(mp=1, backend="gloo", device="cpu")
     cfg = load_config(opts.config, opts.overrides)
     seq_len, batch = cfg.data.seq_len, cfg.data.micro_batch_size

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_dist import model as model_module
+from llama_dist.allocator import keep_freed_memory
 from llama_dist.config import Config, load_config
 from llama_dist.distributed import init_distributed, seed_everything, shutdown
 from llama_dist.model import ModelArgs, Transformer, count_parameters, flops_per_token
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     args = cfg.model
     args.max_seq_len = max(args.max_seq_len, opts.seq_len)
     init_distributed(mp=1, backend="gloo", device="cpu")
+    keep_freed_memory()  # as train.train does on CPU; process-wide, so HF's side keeps its memory too
     seed_everything(0)
     ours_model = Transformer(args).train()
     ours_forward = torch.compile(ours_model) if opts.compile == "model" else ours_model

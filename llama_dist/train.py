@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from llama_dist import distributed
+from llama_dist.allocator import keep_freed_memory
 from llama_dist.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from llama_dist.config import Config, load_config, validate
 from llama_dist.distributed import DistInfo, get_logger
@@ -320,6 +321,8 @@ class Trainer:
 
 def train(cfg: Config) -> int:
     info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device)
+    if info.device.type == "cpu":
+        keep_freed_memory()
     try:
         validate(cfg, world_size=info.world_size)
         run_dir = Path(cfg.train.run_dir)
