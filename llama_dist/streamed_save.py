@@ -26,7 +26,7 @@ import torch
 
 from llama_dist.files import sha256_file
 
-try:  # zlib-ng's CRC-32 folds with carry-less multiplies: about 4x zlib's on x86-64 (11.6 vs 3.0 GB/s here)
+try:  # zlib-ng's CRC-32 folds with carry-less multiplies: 11.6 GB/s against zlib's 3.0 on a 2-core EPYC
     from zlib_ng.zlib_ng import crc32
 except ImportError:  # the same numbers, slower
     from zlib import crc32
