@@ -5,8 +5,8 @@ tensor by tensor. Sources are memory-mapped, and pages already read are released
 from the resident set; each destination file is a torch.save skeleton whose tensor
 bytes are then written in place block by block (a block that is a contiguous run
 of a source file is copied by the kernel), so no destination shard is ever held
-whole. Peak memory stays at a few hundred MiB over the interpreter's, whatever the
-checkpoint's size.
+whole; PARALLEL_FILES destination files are written at once. Peak memory stays at a
+few hundred MiB over the interpreter's, whatever the checkpoint's size.
 
 Everything goes into a temporary sibling of DST, renamed into place at the end;
 SRC is only read, and every check runs before the first byte is written. The
@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -45,6 +46,7 @@ from llama_dist.streamed_save import Block, save_streamed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHUNK_BYTES = 32 << 20  # the most of one destination tensor assembled at once
+PARALLEL_FILES = 2  # destination files written at once
 CONFIG_FILE = "config.yaml"
 OPTIMIZER_FILE = re.compile(r"^optimizer\.\d+\.pt$")
 OPTIMIZER_KEY = re.compile(r"^(exp_avg|exp_avg_sq|step)/(.+)$")
@@ -182,29 +184,31 @@ def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int,
 def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path],
                    dtype_of: Callable[[str], torch.dtype]) -> dict[str, str]:
     """Write the M destination files of one kind straight from the N mapped sources; their sha256s."""
-    sources, digests = MappedSources(files), {}
+    sources, specs = MappedSources(files), {}
+    for key in files.shapes:
+        shape, dim = list(files.full_shape(key)), files.dims[key]
+        if dim is not None:
+            shape[dim] //= mp
+        specs[key] = (tuple(shape), dtype_of(key))
+
+    def write(rank: int) -> tuple[str, str]:
+        def fill(key: str) -> Iterator[Block]:
+            tensors = sources.tensors(key)
+            if files.dims[key] is None:
+                check_replicated(key, tensors, files.paths)
+            for block, rows in _pieces(tensors, files.dims[key], rank, mp):
+                yield block
+                for row in rows:
+                    sources.done_with(row)
+
+        return dst_paths[rank].name, save_streamed(dst_paths[rank], specs, fill, sources.locate)
+
     try:
-        for rank, path in enumerate(dst_paths):
-            specs = {}
-            for key in files.shapes:
-                shape, dim = list(files.full_shape(key)), files.dims[key]
-                if dim is not None:
-                    shape[dim] //= mp
-                specs[key] = (tuple(shape), dtype_of(key))
-
-            def fill(key: str, rank: int = rank) -> Iterator[Block]:
-                tensors = sources.tensors(key)
-                if files.dims[key] is None:
-                    check_replicated(key, tensors, files.paths)
-                for block, rows in _pieces(tensors, files.dims[key], rank, mp):
-                    yield block
-                    for row in rows:
-                        sources.done_with(row)
-
-            digests[path.name] = save_streamed(path, specs, fill, sources.locate)
+        # a file's writes queue on its inode lock: several files at once keep the cores busy
+        with ThreadPoolExecutor(max_workers=min(PARALLEL_FILES, len(dst_paths))) as pool:
+            return dict(pool.map(write, range(len(dst_paths))))
     finally:
         sources.close()
-    return digests
 
 
 # --------------------------------------------------------------------------- the directory

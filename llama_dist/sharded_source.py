@@ -11,6 +11,7 @@ import collections
 import math
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -130,6 +131,7 @@ class MappedSources:
         self._maps: dict[int, tuple[int, mmap.mmap, int]] = {}  # rank: (fd, mapping, its address)
         self._spans: collections.deque = collections.deque()  # (rank, start, end) in the order handed out
         self._unreleased = 0
+        self._lock = threading.Lock()  # destination files may be written in threads of their own
 
     def _open(self, rank: int) -> dict[str, torch.Tensor]:
         path = self.files.paths[rank]
@@ -153,9 +155,10 @@ class MappedSources:
         return self.files.load(path)
 
     def tensors(self, key: str) -> list[torch.Tensor]:
-        for rank in range(len(self.files.paths)):
-            if rank not in self._states:
-                self._states[rank] = self._open(rank)
+        with self._lock:
+            for rank in range(len(self.files.paths)):
+                if rank not in self._states:
+                    self._states[rank] = self._open(rank)
         return [self._states[rank][key] for rank in range(len(self.files.paths))]
 
     def _where(self, tensor: torch.Tensor) -> Optional[tuple[int, int, int]]:
@@ -178,14 +181,15 @@ class MappedSources:
         where = self._where(tensor)
         if where is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        self._spans.append(where)
-        self._unreleased += where[2] - where[1]
-        while self._unreleased > RELEASE_LAG:
-            rank, start, end = self._spans.popleft()
-            self._unreleased -= end - start
-            first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-            if last > first:
-                self._maps[rank][1].madvise(mmap.MADV_DONTNEED, first, last - first)
+        with self._lock:
+            self._spans.append(where)
+            self._unreleased += where[2] - where[1]
+            while self._unreleased > RELEASE_LAG:
+                rank, start, end = self._spans.popleft()
+                self._unreleased -= end - start
+                first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+                if last > first:
+                    self._maps[rank][1].madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
         for fd, _, _ in self._maps.values():
