@@ -123,6 +123,8 @@ class MappedSources:
     stay in the resident set, so each span handed out is released (MADV_DONTNEED:
     touched again, it is re-read from the page cache) once RELEASE_LAG more bytes have
     been handed out after it. A file of another layout is torch.load-ed (mmap) and kept.
+    Threads writing different destination files may share one: the first `tensors`
+    call opens every source, and page releases are counted under a lock.
     """
 
     def __init__(self, files: Sharded):
