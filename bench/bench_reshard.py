@@ -127,9 +127,10 @@ Row = tuple[float, float, int, float]  # run_child's figures
 def timed_round(python: str, src: Path, root: Path) -> dict[str, Row]:
     """One copy, one sha256 + CRC-32 pass, one reshard 2 -> 1 and one 1 -> 2.
 
-    Each writer first deletes what it wrote in the round before: on a VM, pages just
-    freed are cheap to write again and pages long free are not, so every writer gets
-    the same start (the first round, with nothing to delete, is a warm-up).
+    Each writer first deletes what it wrote in the round before, so that each starts
+    from the same state of the page cache (the first round, with nothing to delete,
+    is a warm-up); on the VM where this was written, the cost of writing pages
+    drifted several-fold whatever the order.
     """
     copy, mp1, mp2 = root / "copy", root / "mp1", root / "mp2-again"
     rows = {}
