@@ -39,30 +39,17 @@ for path in sorted(os.scandir(sys.argv[1]), key=lambda entry: entry.name):
 """
 
 
-def meta_shapes(args) -> dict[str, tuple[int, ...]]:
-    """Full weight shapes in Meta's key order (what Transformer(args).state_dict() holds)."""
-    d, q, kv, ffn = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
-    shapes = {"tok_embeddings.weight": (args.vocab_size, d)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes |= {p + "attention.wq.weight": (q, d), p + "attention.wk.weight": (kv, d),
-                   p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, q),
-                   p + "feed_forward.w1.weight": (ffn, d), p + "feed_forward.w2.weight": (d, ffn),
-                   p + "feed_forward.w3.weight": (ffn, d), p + "attention_norm.weight": (d,),
-                   p + "ffn_norm.weight": (d,)}
-    return shapes | {"norm.weight": (d,), "output.weight": (args.vocab_size, d)}
-
-
 def write_synthetic(ckpt: Path, args, mp: int) -> None:
     import torch
 
     from llama_dist.meta_format import shard_dim, shard_file, write_params
+    from llama_dist.sharded_source import expected_shapes  # full shapes, in Meta's key order
 
     ckpt.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     for rank in range(mp):
         shard = {}
-        for key, shape in meta_shapes(args).items():
+        for key, shape in expected_shapes(args, args.vocab_size).items():
             dim, local = shard_dim(key, args), list(shape)
             if dim is None:
                 shard[key] = torch.ones(shape)  # replicated norms must be equal on every shard

@@ -26,8 +26,9 @@ from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
 from llama_dist.meta_format import TOKENIZER_FILE, read_params
 from llama_dist.model import ModelArgs
-from llama_dist.reshard import CONFIG_FILE, DTYPES, PathLike, parse_dtype, staged_directory
-from llama_dist.sharded_source import iter_merged_tensors
+from llama_dist.files import staged_directory
+from llama_dist.reshard import CONFIG_FILE, DTYPES, parse_dtype
+from llama_dist.sharded_source import PathLike, iter_merged_tensors
 
 MAX_SHARD_BYTES = 2 << 30  # one safetensors file is held in memory while it is written
 LAYER_NAMES = {

@@ -1,12 +1,17 @@
-"""Writing files so that a reader sees the old one or the new one, never half of either."""
+"""Writing files and directories so that a reader sees the old one or the new one, never half of either."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import secrets
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from llama_dist.errors import UserError
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -30,3 +35,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+@contextmanager
+def staged_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """A fresh sibling of `dst` to write into, renamed to `dst` only if the block completes.
+
+    A non-empty `dst` is refused unless `force`; then it is replaced only once the new
+    directory is complete (two renames: for a moment neither name exists).
+    """
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst} exists and is not a directory; choose another destination")
+    if _non_empty(dst) and not force:
+        raise UserError(f"{dst} is not empty; choose another destination or pass --force to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f"{dst.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _non_empty(dst):
+        old = dst.with_name(f"{dst.name}.old-{secrets.token_hex(4)}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)  # a rename replaces an empty directory

@@ -21,13 +21,10 @@ import argparse
 import gc
 import json
 import math
-import os
 import re
-import secrets
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
@@ -38,7 +35,7 @@ from llama_dist.checkpoint import COMMIT_MARKER as COMMITTED
 from llama_dist.checkpoint import MANIFEST, TRAIN_STATE
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
-from llama_dist.files import atomic_write_text, sha256_file
+from llama_dist.files import atomic_write_text, sha256_file, staged_directory
 from llama_dist.meta_format import shard_file
 from llama_dist.sharded_source import (MappedSources, ModelShards, PathLike, Sharded, check_replicated,
                                        inspect_model, read_sharded)
@@ -55,6 +52,7 @@ OPTIMIZER_KEY = re.compile(r"^(exp_avg|exp_avg_sq|step)/(.+)$")
 STALE_FILE = re.compile(r"^(rng\.\d+\.pt|checklist\.chk|.*\.tmp)$")
 
 log = get_logger("llama_dist.reshard")
+
 
 def _check_divisible(model: ModelShards, mp: int) -> None:
     """Every split dimension must divide by M, as fairscale asserts when it builds the layers."""
@@ -135,7 +133,6 @@ def _training_texts(src: Path, n: int, mp: int) -> dict[str, str]:
 # --------------------------------------------------------------------------- reading pieces
 
 
-
 def _row_blocks(parts: list[torch.Tensor], dim: int) -> Iterator[tuple[Block, list[torch.Tensor]]]:
     """The parts joined on `dim`, as blocks of whole rows of at most CHUNK_BYTES, each with its rows.
 
@@ -212,39 +209,6 @@ def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path],
 
 
 # --------------------------------------------------------------------------- the directory
-
-
-def _non_empty(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
-@contextmanager
-def staged_directory(dst: PathLike, force: bool = False) -> Iterator[Path]:
-    """A fresh sibling of `dst` to write into, renamed to `dst` only if the block completes.
-
-    A non-empty `dst` is refused unless `force`; then it is replaced only once the new
-    directory is complete (two renames: for a moment neither name exists).
-    """
-    dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise UserError(f"{dst} exists and is not a directory; choose another destination")
-    if _non_empty(dst) and not force:
-        raise UserError(f"{dst} is not empty; choose another destination or pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{dst.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if _non_empty(dst):
-        old = dst.with_name(f"{dst.name}.old-{secrets.token_hex(4)}")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)  # a rename replaces an empty directory
 
 
 def write_manifest_and_commit(ckpt_dir: Path, digests: Optional[dict[str, str]] = None) -> None:

@@ -75,7 +75,7 @@ def read_sharded(paths: list[Path], load: Callable) -> tuple[dict, dict, set]:
     return shapes, dtypes, ignored
 
 
-def _expected_shapes(args: ModelArgs, vocab: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(args: ModelArgs, vocab: int) -> dict[str, tuple[int, ...]]:
     """The full (unsharded) shape of every weight that params.json implies."""
     d, q, kv, ffn = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
     per_layer = {"attention.wq": (q, d), "attention.wk": (kv, d), "attention.wv": (kv, d), "attention.wo": (d, q),
@@ -97,7 +97,7 @@ def inspect_model(ckpt_dir: Path) -> ModelShards:
     vocab = args.vocab_size
     if vocab <= 0 and "output.weight" in shapes:
         vocab = weights.full_shape("output.weight")[0]
-    expected = _expected_shapes(args, vocab)
+    expected = expected_shapes(args, vocab)
     where = f"params.json (n_layers={args.n_layers}) does not belong to these shards"
     for key in (k for k in expected if k not in shapes):
         raise UserError(f"the shards lack '{key}'; {where}")
@@ -108,7 +108,6 @@ def inspect_model(ckpt_dir: Path) -> ModelShards:
             raise UserError(f"'{key}' merges to {weights.full_shape(key)} over {len(paths)} shards "
                             f"but params.json implies {shape}; {where}")
     return ModelShards(args, weights, vocab, sorted(dropped))
-
 
 
 # --------------------------------------------------------------------------- mapped and merged
