@@ -192,7 +192,8 @@ def _fault_point(where: str, step: int, info: DistInfo) -> None:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete committed checkpoints beyond the newest keep_last, keeping multiples of keep_every."""
+    """Delete committed checkpoints beyond the newest keep_last, keeping multiples of keep_every,
+    and the leftovers of crashed saves from before the newest checkpoint (nothing loads them)."""
     found = committed_checkpoints(run_dir)
     doomed = []
     for step, path in found[: max(0, len(found) - max(1, keep_last))]:
@@ -201,6 +202,13 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: in
         (path / COMMIT_MARKER).unlink()  # uncommit first: a half-deleted dir is never loaded
         shutil.rmtree(path)
         doomed.append(path)
+    if not found:
+        return doomed
+    for path in sorted(checkpoints_dir(run_dir).iterdir()):
+        match = STEP_DIR.match(path.name)
+        if match and int(match.group(1)) < found[-1][0] and path.is_dir() and not is_committed(path):
+            shutil.rmtree(path)
+            doomed.append(path)
     return doomed
 
 

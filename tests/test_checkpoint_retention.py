@@ -1,0 +1,56 @@
+"""Which checkpoints a run keeps: the newest keep_last, every keep_every-th, and no leftovers."""
+
+from llama_dist.checkpoint import COMMIT_MARKER, committed_checkpoints, prune_checkpoints, step_dir
+from llama_dist.train import train
+
+from test_train import tiny_config
+
+
+def _fake_checkpoints(run, committed, partial=()):
+    for step in committed:
+        step_dir(run, step).mkdir(parents=True)
+        (step_dir(run, step) / "consolidated.00.pth").write_bytes(b"weights")
+        (step_dir(run, step) / COMMIT_MARKER).write_text(f"{step}\n")
+    for step in partial:
+        step_dir(run, step).mkdir(parents=True)
+        (step_dir(run, step) / "consolidated.00.pth").write_bytes(b"half")
+
+
+def _on_disk(run):
+    return sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir())
+
+
+def test_keeps_the_newest_and_every_mth(tmp_path):
+    _fake_checkpoints(tmp_path, committed=range(1, 11))
+    removed = prune_checkpoints(tmp_path, keep_last=2, keep_every=4)
+    assert [step for step, _ in committed_checkpoints(tmp_path)] == [4, 8, 9, 10]
+    assert _on_disk(tmp_path) == [4, 8, 9, 10]
+    assert sorted(p.name for p in removed) == [f"step-{s:06d}" for s in (1, 2, 3, 5, 6, 7)]
+
+
+def test_keep_last_zero_still_keeps_the_newest_and_no_keep_every_keeps_none_extra(tmp_path):
+    _fake_checkpoints(tmp_path, committed=[2, 4, 6])
+    prune_checkpoints(tmp_path, keep_last=0, keep_every=0)
+    assert _on_disk(tmp_path) == [6]
+
+
+def test_leftovers_of_crashed_saves_go_only_once_a_newer_checkpoint_exists(tmp_path):
+    # step 3 crashed mid-save; step 7 is being written right now (not committed yet)
+    _fake_checkpoints(tmp_path, committed=[2, 4, 6], partial=[3, 7])
+    prune_checkpoints(tmp_path, keep_last=5, keep_every=0)
+    assert _on_disk(tmp_path) == [2, 4, 6, 7]
+    empty = tmp_path / "fresh"
+    _fake_checkpoints(empty, committed=[], partial=[1])
+    assert prune_checkpoints(empty, keep_last=1, keep_every=0) == []
+    assert _on_disk(empty) == [1]
+
+
+def test_a_run_keeps_what_the_config_says(data_dir, tmp_path):
+    run = tmp_path / "run"
+    # a crashed save at step 3 of an earlier attempt with another interval: this run never saves step 3
+    _fake_checkpoints(run, committed=[], partial=[3])
+    cfg = tiny_config(data_dir, run, "train.steps=7", "checkpoint.interval=2",
+                      "checkpoint.keep_last=2", "checkpoint.keep_every=4")
+    assert train(cfg) == 0
+    assert [step for step, _ in committed_checkpoints(run)] == [4, 6, 7]
+    assert _on_disk(run) == [4, 6, 7]
