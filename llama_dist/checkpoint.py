@@ -22,7 +22,7 @@ from torch import nn
 from llama_dist.config import Config
 from llama_dist.distributed import DistInfo, barrier
 from llama_dist.errors import UserError
-from llama_dist.files import atomic_write_text, sha256_file
+from llama_dist.files import atomic_write_text, fsync_path, sha256_file
 from llama_dist.meta_format import (
     TOKENIZER_FILE,
     load_shard,
@@ -152,6 +152,7 @@ def save_checkpoint(
         written += [target / "params.json", target / TRAIN_STATE, target / "config.yaml"]
         if tokenizer_path is not None and Path(tokenizer_path).is_file():
             shutil.copyfile(tokenizer_path, target / f"{TOKENIZER_FILE}.tmp")
+            fsync_path(target / f"{TOKENIZER_FILE}.tmp")
             os.replace(target / f"{TOKENIZER_FILE}.tmp", target / TOKENIZER_FILE)
             written.append(target / TOKENIZER_FILE)
 
@@ -166,22 +167,11 @@ def save_checkpoint(
         for part in gathered:
             files.update(part)
         atomic_write_text(target / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))}, indent=1))
-        _fsync_dir(target)
+        fsync_path(target)
         atomic_write_text(target / COMMIT_MARKER, f"{step}\n")
-        _fsync_dir(target)
+        fsync_path(target)
     barrier()
     return target
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fault_point(where: str, step: int, info: DistInfo) -> None:
@@ -215,19 +205,23 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: in
 # --------------------------------------------------------------------------- load
 
 
-def verify_manifest(ckpt_dir: Path, names: list[str]) -> None:
+RESUME_FIX = "resume from an earlier checkpoint (delete this directory) or set checkpoint.verify=false"
+
+
+def verify_manifest(ckpt_dir: Path, names: list[str], fix: str = RESUME_FIX) -> None:
+    """Each of `names` is listed in manifest.json with the sha256 it has now; `fix` ends the error."""
     manifest_path = ckpt_dir / MANIFEST
     if not manifest_path.is_file():
         raise UserError(f"{ckpt_dir} has no {MANIFEST}; it is not a complete llama_dist checkpoint")
-    files = json.loads(manifest_path.read_text())["files"]
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{manifest_path} is not a manifest of files and sha256s; {fix}") from None
     for name in names:
         if name not in files:
-            raise UserError(f"{ckpt_dir / name} is not listed in {MANIFEST}")
+            raise UserError(f"{ckpt_dir / name} is not listed in {MANIFEST}; {fix}")
         if sha256_file(ckpt_dir / name) != files[name]["sha256"]:
-            raise UserError(
-                f"{ckpt_dir / name} does not match its sha256 in {MANIFEST}: the file is corrupt; "
-                f"resume from an earlier checkpoint (delete this directory) or set checkpoint.verify=false"
-            )
+            raise UserError(f"{ckpt_dir / name} does not match its sha256 in {MANIFEST}: the file is corrupt; {fix}")
 
 
 def check_compatible(ckpt_dir: Path, cfg: Config, info: DistInfo) -> None:

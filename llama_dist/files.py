@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries, to the disk: a rename is only as durable as
+    what it names, and a commit marker must not outlive the files it vouches for in a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # EINVAL: a file system that cannot sync this (some for directories)
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -58,6 +72,7 @@ def staged_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[Pa
     tmp.mkdir()
     try:
         yield tmp
+        fsync_path(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -68,3 +83,4 @@ def staged_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[Pa
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dst)  # a rename replaces an empty directory
+    fsync_path(dst.parent)

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from llama_dist.errors import UserError
-from llama_dist.files import atomic_write_text
+from llama_dist.errors import UserError, load_error_reason
+from llama_dist.files import atomic_write_text, fsync_path
 from llama_dist.model import ModelArgs
 
 PARAMS_FILE = "params.json"
@@ -93,7 +93,7 @@ def load_shard(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Te
     try:
         state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle and zip errors alike mean a bad file
-        raise UserError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+        raise UserError(f"{path} is not a readable torch checkpoint ({load_error_reason(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a Meta-format state dict (expected a flat dict of tensors)")
     unknown = [k for k in state if not META_KEY.match(k)]
@@ -106,6 +106,7 @@ def save_shard(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Save contiguous clones so no tensor drags a larger shared storage into the file."""
     tmp = Path(f"{path}.tmp")
     torch.save({k: v.detach().clone() if _is_view(v) else v.detach() for k, v in state.items()}, tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 

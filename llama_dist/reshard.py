@@ -9,7 +9,8 @@ whole; PARALLEL_FILES destination files are written at once. Peak memory stays a
 few hundred MiB over the interpreter's, whatever the checkpoint's size.
 
 Everything goes into a temporary sibling of DST, renamed into place at the end;
-SRC is only read, and every check runs before the first byte is written. The
+SRC is only read, and every check runs before the first byte is written, except
+SRC's sha256 manifest, which a thread checks while the new files are written. The
 training state follows the weights: optimizer moments are split like their
 parameters, train_state.json and config.yaml get the new mp, rng files (one per
 rank of the old world) are dropped, and a fresh manifest and COMMITTED close it.
@@ -32,11 +33,11 @@ import torch
 import yaml
 
 from llama_dist.checkpoint import COMMIT_MARKER as COMMITTED
-from llama_dist.checkpoint import MANIFEST, TRAIN_STATE
+from llama_dist.checkpoint import MANIFEST, TRAIN_STATE, verify_manifest
 from llama_dist.distributed import get_logger
-from llama_dist.errors import UserError
-from llama_dist.files import atomic_write_text, sha256_file, staged_directory
-from llama_dist.meta_format import shard_file
+from llama_dist.errors import UserError, load_error_reason
+from llama_dist.files import atomic_write_text, fsync_path, sha256_file, staged_directory
+from llama_dist.meta_format import PARAMS_FILE, TOKENIZER_FILE, shard_file
 from llama_dist.sharded_source import (MappedSources, ModelShards, PathLike, Sharded, check_replicated,
                                        inspect_model, read_sharded)
 from llama_dist.streamed_save import Block, save_streamed
@@ -72,7 +73,7 @@ def _load_optimizer(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle and zip errors alike mean a bad file
-        raise UserError(f"{path} is not a readable torch file ({type(err).__name__}: {err})") from None
+        raise UserError(f"{path} is not a readable torch file ({load_error_reason(err)})") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and OPTIMIZER_KEY.match(k) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -232,12 +233,23 @@ def _copy_other_files(src: Path, tmp: Path, texts: dict[str, str]) -> None:
             continue  # written fresh
         if path.is_file() and not STALE_FILE.match(name):
             shutil.copyfile(path, tmp / name)
+            fsync_path(tmp / name)
         else:
             dropped.append(name)
     for name, text in texts.items():
         atomic_write_text(tmp / name, text)
     if dropped:
         log.info(f"reshard: not carried over (tied to the old layout): {', '.join(dropped)}")
+
+
+def _verify_source(src: Path, read: list[Path]) -> None:
+    """SRC against its manifest, where it has one (a training checkpoint; Meta's releases have
+    none): a corrupt file must not come out of a reshard under a fresh, valid manifest."""
+    if not (src / MANIFEST).is_file():
+        return
+    carried = [name for name in (PARAMS_FILE, TRAIN_STATE, CONFIG_FILE, TOKENIZER_FILE) if (src / name).is_file()]
+    verify_manifest(src, [path.name for path in read] + carried,
+                    fix="reshard an earlier checkpoint, or pass --no-verify to reshard this one as it is")
 
 
 def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
@@ -249,10 +261,11 @@ def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
 
 
 def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, torch.dtype, None] = None,
-            force: bool = False) -> None:
+            force: bool = False, verify: bool = True) -> None:
     """Write the checkpoint in `src` to `dst` with `mp` model-parallel shards.
 
     `dtype` casts the model weights (for a release); optimizer moments keep theirs.
+    `verify` checks SRC's sha256 manifest, if it has one, while the new files are written.
     """
     src, dst = Path(src), Path(dst)
     cast_to = parse_dtype(dtype)
@@ -269,13 +282,17 @@ def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, torch.dtype
     if model.dropped:
         log.info(f"reshard: dropped {', '.join(model.dropped)} (Llama 1's rotary table; loaders recompute it)")
 
-    with staged_directory(dst, force) as tmp:
+    read = model.weights.paths + (optimizer.paths if optimizer is not None else [])
+    with staged_directory(dst, force) as tmp, ThreadPoolExecutor(max_workers=1) as checker:
+        checked = checker.submit(_verify_source, src, read) if verify else None
         weights = model.weights
         digests = _reshard_files(weights, mp, [tmp / shard_file(r) for r in range(mp)],
                                  lambda key: cast_to or weights.dtypes[key])
         if optimizer is not None:
             digests |= _reshard_files(optimizer, mp, [tmp / f"optimizer.{r:02d}.pt" for r in range(mp)],
                                       lambda key: optimizer.dtypes[key])
+        if checked is not None:
+            checked.result()  # before anything is committed
         _copy_other_files(src, tmp, texts)
         write_manifest_and_commit(tmp, digests)
 
@@ -291,6 +308,8 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--mp", type=int, required=True, help="the new model-parallel size")
     parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights, e.g. bf16 for a release")
     parser.add_argument("--force", action="store_true", help="replace a non-empty DST once the new one is complete")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking SRC's files against its sha256 manifest")
     args = parser.parse_args(argv)
     # stitching rows is memory-bound, and the write, CRC-32 and sha256 threads already fill
     # the cores: OpenMP workers spinning between the copies would only take time from them.
@@ -302,7 +321,7 @@ def cli(argv: list[str]) -> int:
     gc.freeze()
     start = time.perf_counter()
     try:
-        reshard(args.src, args.dst, args.mp, dtype=args.dtype, force=args.force)
+        reshard(args.src, args.dst, args.mp, dtype=args.dtype, force=args.force, verify=not args.no_verify)
     finally:
         gc.unfreeze()  # the CLI can be called in-process
         torch.set_num_threads(threads)

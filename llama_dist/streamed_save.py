@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 
-from llama_dist.files import sha256_file
+from llama_dist.files import fsync_path, sha256_file
 
 try:  # zlib-ng's CRC-32 folds with carry-less multiplies: 11.6 GB/s against zlib's 3.0 on a 2-core EPYC
     from zlib_ng.zlib_ng import crc32
@@ -40,7 +40,7 @@ class _StorageRefs(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, *rest: (storage, offset)
+            return lambda storage, offset, size, stride, *rest: (storage, offset, _is_contiguous(size, stride))
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if module == "torch" and name.endswith("Storage"):
@@ -49,6 +49,16 @@ class _StorageRefs(pickle.Unpickler):
 
     def persistent_load(self, pid):
         return pid[2]  # ('storage', storage type, record key, location, numel)
+
+
+def _is_contiguous(size: tuple, stride: tuple) -> bool:
+    """Row-major with no gaps, as Tensor.is_contiguous judges it (a dimension of size 1 has any stride)."""
+    expected = 1
+    for n, step in zip(reversed(size), reversed(stride)):
+        if n != 1 and step != expected:
+            return False
+        expected *= n
+    return True
 
 
 @dataclass
@@ -75,10 +85,11 @@ def storage_records(path: Path) -> Optional[dict[str, StorageRecord]]:
         for key, ref in refs.items():
             if not isinstance(ref, tuple):
                 return None
-            storage, element_offset = ref
+            storage, element_offset, contiguous = ref
             info = infos.get(f"{prefix}data/{storage}")
-            # torch stores each member uncompressed (and, when it writes, with a data descriptor)
-            if info is None or element_offset or info.compress_type != zipfile.ZIP_STORED:
+            # torch stores each member uncompressed (and, when it writes, with a data descriptor);
+            # a strided view (a transposed weight, say) is not its storage's bytes in order
+            if info is None or element_offset or not contiguous or info.compress_type != zipfile.ZIP_STORED:
                 return None
             f.seek(info.header_offset)
             name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
@@ -242,6 +253,7 @@ def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtyp
     if holes is None:  # no skip_data, or a layout we do not know: a plain torch.save
         torch.save({k: torch.cat([_joined(b).reshape(-1).to(dtype) for b in fill(k)]).view(shape)
                     for k, (shape, dtype) in specs.items()}, tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
         return sha256_file(path)
     digest, crcs, in_flight, staging = hashlib.sha256(), {}, collections.deque(), _Staging()
@@ -308,6 +320,7 @@ def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtyp
                 job.result()
         _patch_central_crcs(fd, crcs)
         hash_file(hashed, os.fstat(fd).st_size)
+        os.fsync(fd)
     finally:
         # no write may land after the fd is closed
         for pool in (writer, crc_pool, hasher):

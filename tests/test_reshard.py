@@ -3,6 +3,7 @@ check's message, atomic output, and the same logits from resharded shards in rea
 gloo ranks. Reference shards are cut here with torch.chunk on a split table written
 out below, not with the code under test."""
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -313,6 +314,31 @@ def test_source_is_never_touched(tmp_path, training_ckpt):
     assert {p.name: (sha256(p), p.stat().st_mtime_ns) for p in src.iterdir()} == before
 
 
+def test_strided_tensors_are_read_as_tensors_not_as_their_storage(tmp_path):
+    """A transposed view fills its storage like a contiguous tensor, in another order: the
+    byte-level fast path must not take it for one."""
+    weights = model_weights(LLAMA2)
+    key = "layers.0.attention.wo.weight"  # square, so its transpose fits the same shape
+    weights[key] = weights[key].t().contiguous().t()
+    assert not weights[key].is_contiguous()
+    src = write_checkpoint(tmp_path / "src", LLAMA2, weights, 1)
+    assert not load(src / "consolidated.00.pth")[key].is_contiguous()
+    reshard(src, tmp_path / "mp2", 2)
+    reshard(tmp_path / "mp2", tmp_path / "back", 1)
+    assert torch.equal(load(tmp_path / "back" / "consolidated.00.pth")[key], weights[key])
+
+
+def test_corrupt_source_is_refused_unless_no_verify(tmp_path):
+    src, _ = _break("corrupt", tmp_path)
+    with pytest.raises(UserError, match="does not match its sha256"):
+        reshard(src, tmp_path / "checked", 1)
+    reshard(src, tmp_path / "as_is", 1, verify=False)
+    changed = load(src / "consolidated.01.pth")["layers.1.feed_forward.w2.weight"]
+    merged = load(tmp_path / "as_is" / "consolidated.00.pth")["layers.1.feed_forward.w2.weight"]
+    assert torch.equal(merged[:, merged.shape[1] // 2 :], changed)  # the file as it is, w2 split on dim 1
+    assert llama_dist_main(["reshard", str(src), str(tmp_path / "cli"), "--mp", "1", "--no-verify"]) == 0
+
+
 def test_non_empty_destination_needs_force(tmp_path, training_ckpt):
     src, weights, _ = training_ckpt
     dst = tmp_path / "dst"
@@ -348,7 +374,7 @@ def _break(kind: str, tmp_path: Path):
     elif kind == "n_heads":
         mp = 3
     weights = model_weights(args)
-    training = kind in ("optimizer", "uncommitted")
+    training = kind in ("optimizer", "uncommitted", "corrupt")
     src = write_checkpoint(tmp_path / "src", args, weights, shards, optimizer_state(weights) if training else None,
                            commit=kind != "uncommitted")
     if kind == "missing_shard":
@@ -370,6 +396,13 @@ def _break(kind: str, tmp_path: Path):
         write_params(src, dataclasses.replace(args, n_layers=3))
     elif kind == "not_meta":
         torch.save({"model": load(src / "consolidated.00.pth")}, src / "consolidated.00.pth")
+    elif kind == "pickled":  # an object that only code can rebuild, which weights_only refuses
+        torch.save({**load(src / "consolidated.00.pth"), "args": argparse.Namespace(lr=1)},
+                   src / "consolidated.00.pth")
+    elif kind == "corrupt":  # one weight changed after the manifest was written
+        shard = load(src / "consolidated.01.pth")
+        shard["layers.1.feed_forward.w2.weight"][0, 0] += 1
+        torch.save(shard, src / "consolidated.01.pth")
     elif kind == "optimizer":
         (src / "optimizer.01.pt").unlink()
     return src, mp
@@ -388,6 +421,10 @@ CHECKS = {
     "params_missing": r"params.json is missing",
     "params_mismatch": r"lack 'layers.2.attention.wq.weight'; params.json \(n_layers=3\) does not belong",
     "not_meta": r"consolidated.00.pth is not a Meta-format state dict",
+    "pickled": r"consolidated.00.pth is not a readable torch checkpoint \(it holds more than tensors "
+               r"\(Unsupported global: GLOBAL argparse.Namespace .*weights_only=True",
+    "corrupt": r"consolidated.01.pth does not match its sha256 in manifest.json: the file is corrupt; "
+               r"reshard an earlier checkpoint, or pass --no-verify",
     "optimizer": r"has optimizer.00.pt but 2 model shards",
     "uncommitted": r"no COMMITTED marker",
 }
