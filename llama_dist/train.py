@@ -45,6 +45,7 @@ from llama_dist.model import Transformer, flops_per_token
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGUSR1; requeue to resume
 EXIT_DIVERGED = 3  # too many consecutive NaN/Inf steps; the last good checkpoint is kept
 PREEMPTED_MARKER = "PREEMPTED"
+DIVERGED_MARKER = "DIVERGED"  # torchrun reports every failed worker as 1: the markers tell 75 and 3 apart
 
 log = get_logger("llama_dist.train")
 
@@ -273,6 +274,9 @@ class Trainer:
                         log.error(f"stopping: {consecutive_bad} consecutive non-finite steps "
                                   f"(train.max_bad_steps={cfg.train.max_bad_steps}); the latest good checkpoint "
                                   f"is {latest or 'none'}; lower optim.lr or check the data")
+                        if info.is_rank0:
+                            (self.run_dir / DIVERGED_MARKER).write_text(
+                                json.dumps({"step": self.step, "latest_checkpoint": str(latest or "")}) + "\n")
                         return EXIT_DIVERGED
                 else:
                     consecutive_bad = 0
@@ -328,7 +332,8 @@ def train(cfg: Config) -> int:
         run_dir = Path(cfg.train.run_dir)
         if info.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+            for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):
+                (run_dir / marker).unlink(missing_ok=True)
         distributed.barrier()
         trainer = Trainer(cfg, info)
         trainer.resume()
@@ -363,10 +368,14 @@ def cli(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)  # fail fast, before starting any process
     if args.nproc > 1 and not under_torchrun():
         preflight(cfg, world_size=args.nproc)  # one clean error line here, not one per rank
-        marker = Path(cfg.train.run_dir) / PREEMPTED_MARKER
         code = relaunch("llama_dist.train", [args.config, *args.overrides], args.nproc)
-        # torchrun reports any worker failure as 1; the marker says it was a preemption save
-        return EXIT_PREEMPTED if code != 0 and marker.is_file() else code
+        # torchrun reports any worker failure as 1; a marker says it was a preemption save or divergence
+        run_dir = Path(cfg.train.run_dir)
+        if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
+            return EXIT_PREEMPTED
+        if code != 0 and (run_dir / DIVERGED_MARKER).is_file():
+            return EXIT_DIVERGED
+        return code
     return train(cfg)
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 
 from llama_dist.checkpoint import committed_checkpoints, is_committed
-from llama_dist.train import EXIT_PREEMPTED, PREEMPTED_MARKER
+from llama_dist.train import DIVERGED_MARKER, EXIT_DIVERGED, EXIT_PREEMPTED, PREEMPTED_MARKER
 from test_train import TINY
 
 
@@ -87,3 +87,23 @@ def test_rank_killed_while_saving_leaves_the_previous_checkpoint(data_dir, tmp_p
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "step-000002 at step 2" in resumed.stdout
     assert [step for step, _ in committed_checkpoints(run)][-1] == 6
+
+
+def test_divergence_under_torchrun_exits_3_and_says_why(data_dir, tmp_path):
+    """torchrun turns any failed worker into 1; the DIVERGED marker gives the launcher code 3 back."""
+    run = tmp_path / "run"
+    cmd = _command(data_dir, run, "train.steps=8", "checkpoint.interval=2", "train.max_bad_steps=2",
+                   "parallel.mp=2", nproc=2)
+    diverged = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                              env=_env(LLAMA_DIST_FAULT_NAN="2,3"))  # step indices: steps 3 and 4
+    output = diverged.stdout + diverged.stderr
+    assert diverged.returncode == EXIT_DIVERGED, output
+    assert "stopping: 2 consecutive non-finite steps (train.max_bad_steps=2)" in output
+    assert "the latest good checkpoint is" in output and "step-000002" in output
+    assert json.loads((run / DIVERGED_MARKER).read_text())["step"] == 4
+    assert [step for step, _ in committed_checkpoints(run)] == [2]
+    # a new start clears the marker
+    again = subprocess.run(_command(data_dir, run, "train.steps=3", "parallel.mp=2", nproc=2),
+                           capture_output=True, text=True, timeout=180, env=_env())
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not (run / DIVERGED_MARKER).exists()
