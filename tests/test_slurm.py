@@ -70,6 +70,15 @@ def test_log_folder_of_the_script_exists():
     assert (REPO / match.group(1)).parent.is_dir()
 
 
+def test_exit_codes_are_the_trainers():
+    """The script decides from these codes; they must be the ones llama_dist.train exits with."""
+    from llama_dist.train import EXIT_DIVERGED, EXIT_PREEMPTED
+
+    text = SBATCH.read_text()
+    assert re.search(rf"^EXIT_PREEMPTED={EXIT_PREEMPTED}\b", text, re.M)
+    assert re.search(rf"^EXIT_DIVERGED={EXIT_DIVERGED}\b", text, re.M)
+
+
 def test_preempted_job_requeues_and_resumes(cluster: Cluster, corpus: Path, tmp_path: Path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     overrides = [f"train.run_dir={run_dir}", f"data.dir={corpus}", f"train.steps={STEPS}",
