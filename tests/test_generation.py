@@ -2,7 +2,8 @@
 
 The reference for every decoding test is a model forward over the whole
 sequence without a KV cache, recomputed at each step; MP=2 runs in real gloo
-ranks and must give MP=1's greedy tokens for the same weights.
+ranks on the MP=1 checkpoint resharded by llama_dist.reshard and must give
+MP=1's greedy tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from llama_dist.distributed import current, init_distributed, seed_everything, s
 from llama_dist.errors import UserError
 from llama_dist.generation import Llama, load_model, sample_top_p
 from llama_dist.model import ModelArgs, Transformer
+from llama_dist.reshard import reshard
 from multiproc import run_ranks
 
 SEED = 0
@@ -62,16 +64,15 @@ def tiny_args(vocab: int) -> ModelArgs:
     return ModelArgs(**SHAPE, vocab_size=vocab, max_seq_len=MAX_SEQ_LEN, max_batch_size=4)
 
 
-def write_checkpoint(ckpt_dir: Path, args: ModelArgs, tokenizer_path: Path, mp: int = 1) -> None:
-    """This rank's shard of the model built from SEED (the same full weights at every mp)."""
-    info = init_distributed(mp=mp, backend="gloo", device="cpu")
+def write_checkpoint(ckpt_dir: Path, args: ModelArgs, tokenizer_path: Path) -> None:
+    """An MP=1 checkpoint of the model built from SEED (other sizes come from llama_dist.reshard)."""
+    init_distributed(mp=1, backend="gloo", device="cpu")
     seed_everything(SEED)
     model = Transformer(args)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    meta_format.save_shard(model.state_dict(), ckpt_dir / meta_format.shard_file(info.mp_rank))
-    if info.rank == 0:
-        meta_format.write_params(ckpt_dir, args)
-        shutil.copy(tokenizer_path, ckpt_dir / meta_format.TOKENIZER_FILE)
+    meta_format.save_shard(model.state_dict(), ckpt_dir / meta_format.shard_file(0))
+    meta_format.write_params(ckpt_dir, args)
+    shutil.copy(tokenizer_path, ckpt_dir / meta_format.TOKENIZER_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +147,16 @@ def test_build_refuses_a_checkpoint_of_another_mp_size(tmp_path, ckpt1, tokenize
 
 
 def test_build_errors_are_one_line(tmp_path, ckpt1, tokenizer_path):
-    with pytest.raises(UserError, match="does not exist"):
-        Llama.build(tmp_path / "missing", tokenizer_path, 32, 1)
+    def one_line_error(match: str, *build_args) -> str:
+        """Llama.build(*build_args) raises a UserError matching `match`, in a single line."""
+        with pytest.raises(UserError, match=match) as err:
+            Llama.build(*build_args)
+        message = str(err.value)
+        assert "\n" not in message, f"the error spans several lines: {message!r}"
+        return message
+
+    one_line_error("does not exist", tmp_path / "missing", tokenizer_path, 32, 1)
+
     def copy_with_params(name: str, **changes: int):
         """ckpt1's shards under params.json whose fields are increased by `changes`."""
         copy = tmp_path / name
@@ -159,13 +168,10 @@ def test_build_errors_are_one_line(tmp_path, ckpt1, tokenizer_path):
         return copy
 
     wrong_vocab = copy_with_params("vocab", vocab_size=2)
-    with pytest.raises(UserError, match=r"has \d+ tokens but .* vocab_size"):
-        Llama.build(wrong_vocab, None, 32, 1)
-    with pytest.raises(UserError, match="tokenizer .* not found"):
-        Llama.build(ckpt1, tmp_path / "nope.model", 32, 1)
+    one_line_error(r"has \d+ tokens but .* vocab_size", wrong_vocab, None, 32, 1)
+    one_line_error("tokenizer .* not found", ckpt1, tmp_path / "nope.model", 32, 1)
     deeper = copy_with_params("deeper", n_layers=1)
-    with pytest.raises(UserError, match=r"consolidated.00.pth does not match params.json at mp=1: .*layers\.2\."):
-        Llama.build(deeper, None, 32, 1)
+    one_line_error(r"consolidated.00.pth does not match params.json at mp=1: .*layers\.2\.", deeper, None, 32, 1)
 
 
 def test_prompt_and_batch_limits(ckpt1):
@@ -272,9 +278,7 @@ def test_generation_stops_at_eos_per_row(ckpt1):
 # --------------------------------------------------------------------------- model parallel
 
 
-def _mp2_rank(ckpt_dir: str, tokenizer_path: str, args: ModelArgs):
-    write_checkpoint(Path(ckpt_dir), args, Path(tokenizer_path), mp=2)
-    torch.distributed.barrier()  # every shard is on disk before anyone loads
+def _mp2_rank(ckpt_dir: str):
     llama = Llama.build(ckpt_dir, None, MAX_SEQ_LEN, 4, device="cpu")
     prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = llama.generate(prompts, 12, temperature=0.0, logprobs=True)
@@ -283,15 +287,21 @@ def _mp2_rank(ckpt_dir: str, tokenizer_path: str, args: ModelArgs):
 
 
 @pytest.fixture(scope="module")
-def mp2(tmp_path_factory, tokenizer_path):
-    ckpt = tmp_path_factory.mktemp("ckpt-mp2")
-    results = run_ranks(_mp2_rank, 2, str(ckpt), str(tokenizer_path), tiny_args(vocab_size(tokenizer_path)))
+def mp2(tmp_path_factory, ckpt1):
+    """ckpt1 resharded to MP=2 by the real tool, and what each of 2 gloo ranks decodes from it."""
+    ckpt = tmp_path_factory.mktemp("ckpt-mp2") / "mp2"
+    reshard(ckpt1, ckpt, mp=2)
+    results = run_ranks(_mp2_rank, 2, str(ckpt))
     return ckpt, results
 
 
 def test_greedy_identical_at_mp1_and_mp2(ckpt1, mp2):
     ckpt2, ranks = mp2
     assert sorted(p.name for p in ckpt2.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    # really split: the shards of a model-parallel weight are halves of mp=1's
+    full = meta_format.load_shard(ckpt1 / "consolidated.00.pth")["tok_embeddings.weight"]
+    halves = [meta_format.load_shard(ckpt2 / f"consolidated.0{r}.pth")["tok_embeddings.weight"] for r in (0, 1)]
+    assert all(h.numel() * 2 == full.numel() for h in halves)
     llama = Llama.build(ckpt1, None, MAX_SEQ_LEN, 4, device="cpu")
     prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = llama.generate(prompts, 12, temperature=0.0, logprobs=True)
