@@ -106,17 +106,33 @@ def test_model_args_accept_metas_params_json():
     assert llama3.params_json()["rope_theta"] == 500000.0 and llama3.vocab_parallel_embedding
 
 
-def test_activation_checkpointing_keeps_the_gradients(model):
+def test_activation_checkpointing_keeps_the_gradients(model, monkeypatch):
+    """Checkpointing recomputes each block in the backward pass (so its forward runs twice)
+    and gives the same gradients; equal gradients alone would pass if the flag did nothing."""
+    from llama_dist.model import TransformerBlock
+
     model.train()
     tokens = torch.randint(0, 80, (2, 12), generator=torch.Generator().manual_seed(3))
+    calls = []
+    block_forward = TransformerBlock.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls.append(self.layer_id)
+        return block_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransformerBlock, "forward", counting_forward)
 
     def grads():
         model.zero_grad()
+        calls.clear()
         F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    layers = list(range(model.n_layers))
     plain = grads()
+    assert sorted(calls) == layers  # once per block
     model.activation_checkpointing = True
     checkpointed = grads()
+    assert sorted(calls) == sorted(layers * 2)  # the forward pass, and the recompute in backward
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=1e-6, msg=name)

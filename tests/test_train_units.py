@@ -1,0 +1,239 @@
+"""The trainer's pieces one at a time: the LR schedule, weight-decay groups, refusing
+incompatible or corrupt checkpoints, the rank-0 step line, and torch.compile."""
+
+import io
+import logging
+import math
+import re
+import shutil
+
+import pytest
+import torch
+
+from llama_dist import distributed
+from llama_dist.checkpoint import latest_checkpoint, verify_manifest
+from llama_dist.errors import UserError
+from llama_dist.meta_format import shard_file
+from llama_dist.model import Transformer, flops_per_token
+from llama_dist.train import build_optimizer, lr_at, train
+from multiproc import run_ranks
+from test_train import _train_and_record, tiny_config
+
+from conftest import VOCAB
+
+# --------------------------------------------------------------------------- lr_at
+
+
+def _schedule_config(tmp_path, warmup, steps, lr=1e-3, min_lr=1e-4):
+    return tiny_config(tmp_path, tmp_path / "run", f"optim.lr={lr}", f"optim.min_lr={min_lr}",
+                       f"optim.warmup_steps={warmup}", f"train.steps={steps}")
+
+
+def test_lr_warms_up_linearly_to_the_peak(tmp_path):
+    """Step k of W warmup steps runs at lr * (k + 1) / W: never 0, and exactly lr at the last one."""
+    cfg = _schedule_config(tmp_path, warmup=10, steps=110)
+    lr, warmup = cfg.optim.lr, cfg.optim.warmup_steps
+    assert lr_at(0, cfg) == pytest.approx(lr / warmup)
+    for step in range(warmup):
+        assert lr_at(step, cfg) == pytest.approx(lr * (step + 1) / warmup), step
+    assert lr_at(warmup - 1, cfg) == pytest.approx(lr)
+    assert lr_at(warmup, cfg) == pytest.approx(lr)  # cosine starts at its top
+    # the peak is optim.lr, and nothing exceeds it
+    assert max(lr_at(s, cfg) for s in range(cfg.train.steps + 5)) == pytest.approx(lr)
+
+
+def test_lr_decays_by_a_cosine_to_min_lr_and_stays_there(tmp_path):
+    """After warmup: min + (lr - min) * (1 + cos(pi * progress)) / 2, floored at min_lr from train.steps on."""
+    cfg = _schedule_config(tmp_path, warmup=10, steps=110)
+    lr, min_lr, warmup, steps = cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.steps
+    span = steps - warmup
+    assert lr_at(warmup + span // 2, cfg) == pytest.approx((lr + min_lr) / 2)  # the midpoint
+    quarter = min_lr + (lr - min_lr) * (1 + math.cos(math.pi / 4)) / 2
+    assert lr_at(warmup + span // 4, cfg) == pytest.approx(quarter)
+    assert lr_at(steps, cfg) == pytest.approx(min_lr)
+    for step in (steps + 1, steps + 50, 10 * steps):
+        assert lr_at(step, cfg) == pytest.approx(min_lr), step
+    decay = [lr_at(s, cfg) for s in range(warmup, steps + 1)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly falling on the way down
+
+
+def test_lr_without_warmup_starts_at_the_peak(tmp_path):
+    """optim.warmup_steps=0 (as the equivalence tests use) must not divide by zero."""
+    cfg = _schedule_config(tmp_path, warmup=0, steps=8)
+    assert lr_at(0, cfg) == pytest.approx(cfg.optim.lr)
+    assert lr_at(4, cfg) == pytest.approx((cfg.optim.lr + cfg.optim.min_lr) / 2)
+    assert lr_at(8, cfg) == pytest.approx(cfg.optim.min_lr)
+
+
+# --------------------------------------------------------------------------- build_optimizer
+
+
+def _decay_by_name(tmp_path, *overrides):
+    cfg = tiny_config(tmp_path, tmp_path / "run", "optim.weight_decay=0.25", *overrides)
+    distributed.init_distributed(1, "gloo", "cpu")
+    model = Transformer(cfg.model)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    group_of = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            assert id(param) not in group_of, "a parameter is in two groups"
+            group_of[id(param)] = group["weight_decay"]
+    named = dict(model.named_parameters())
+    assert len(group_of) == len(named), "a parameter is in no group"
+    return cfg, named, {name: group_of[id(p)] for name, p in named.items()}
+
+
+def test_norms_and_embeddings_get_no_weight_decay(tmp_path):
+    """Decay on gains and embedding rows hurts LLaMA training; every other matrix decays."""
+    cfg, params, decay = _decay_by_name(tmp_path)
+    exempt = {n for n, p in params.items() if p.ndim == 1} | {"tok_embeddings.weight"}
+    assert "norm.weight" in exempt and "layers.0.attention_norm.weight" in exempt  # the rule has subjects
+    for name in params:
+        expected = 0.0 if name in exempt else cfg.optim.weight_decay
+        assert decay[name] == expected, name
+    assert decay["output.weight"] == cfg.optim.weight_decay  # the output matrix is no embedding
+
+
+def test_decay_norms_and_embeddings_decays_every_parameter(tmp_path):
+    cfg, params, decay = _decay_by_name(tmp_path, "optim.decay_norms_and_embeddings=true")
+    assert decay == {name: cfg.optim.weight_decay for name in params}
+
+
+# --------------------------------------------------------------------------- refusing checkpoints
+
+
+@pytest.fixture(scope="module")
+def committed_run(data_dir, tmp_path_factory):
+    """A real run with a committed step-2 checkpoint at mp=1; tests resume copies of it."""
+    run = tmp_path_factory.mktemp("committed") / "run"
+    assert train(tiny_config(data_dir, run, "train.steps=2", "checkpoint.interval=2")) == 0
+    assert latest_checkpoint(run).name == "step-000002"
+    return run
+
+
+def _copy(run, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    return target
+
+
+def _resume_error(data_dir, run, overrides):
+    """In each rank: resume `run` with overrides; return the UserError's message."""
+    try:
+        train(tiny_config(data_dir, run, "train.steps=4", *overrides))
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def test_resuming_at_another_mp_size_names_both_sizes_and_reshard(data_dir, committed_run, tmp_path):
+    """Two real mp=2 ranks meet an mp=1 checkpoint: both refuse (no hang) and say how to fix it."""
+    run = _copy(committed_run, tmp_path)
+    messages = run_ranks(_resume_error, 2, data_dir, run, ["parallel.mp=2"])
+    for message in messages:
+        assert message is not None, "resumed an mp=1 checkpoint at mp=2"
+        assert "\n" not in message
+        assert "MP=1" in message and "parallel.mp=2" in message
+        assert "llama-dist reshard" in message and "--mp 2" in message
+    assert latest_checkpoint(run).name == "step-000002"  # nothing was trained or saved
+
+
+def test_resuming_with_another_model_shape_names_the_key(data_dir, committed_run, tmp_path):
+    run = _copy(committed_run, tmp_path)
+    saved_dim = tiny_config(data_dir, run).model.dim
+    new_dim = saved_dim // 2
+    with pytest.raises(UserError) as err:
+        train(tiny_config(data_dir, run, "train.steps=4", f"model.dim={new_dim}"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"dim={saved_dim}" in message and f"model.dim={new_dim}" in message
+    assert latest_checkpoint(run).name == "step-000002"
+
+
+def test_a_flipped_byte_in_the_weights_fails_the_sha256_check(data_dir, committed_run, tmp_path):
+    """checkpoint.verify is on by default, so a corrupt shard is refused before it is loaded."""
+    run = _copy(committed_run, tmp_path)
+    ckpt = latest_checkpoint(run)
+    weights = ckpt / shard_file(0)
+    verify_manifest(ckpt, [weights.name])  # intact: passes
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    with pytest.raises(UserError, match="sha256") as err:
+        verify_manifest(ckpt, [weights.name])
+    assert "\n" not in str(err.value)
+
+    cfg = tiny_config(data_dir, run, "train.steps=4")
+    assert cfg.checkpoint.verify
+    with pytest.raises(UserError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "sha256" in message and weights.name in message
+    assert latest_checkpoint(run).name == "step-000002"
+
+
+# --------------------------------------------------------------------------- the step line
+
+STEP_LINE = re.compile(
+    r"^step (?P<step>\d+)/(?P<steps>\d+) \| loss (?P<loss>\S+) \| lr (?P<lr>\S+) \| "
+    r"grad norm (?P<norm>\S+) \| (?P<tps>[\d,]+) tok/s \| MFU (?P<mfu>\S+)% \| mem (?P<mem>\S+) GiB \| "
+    r"ETA (?P<eta>\d+h\d\dm|\d+m\d\ds)$"
+)
+
+
+def test_rank0_step_line_has_every_field_with_numbers(data_dir, tmp_path):
+    """What a user watches: the printed line, through the logger's own handler and format."""
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=4", "log.interval=1")
+    handlers = [h for h in distributed.get_logger().handlers if isinstance(h, logging.StreamHandler)]
+    assert handlers, "the llama_dist logger prints nothing"
+    buffer = io.StringIO()
+    previous = [h.setStream(buffer) for h in handlers]
+    try:
+        assert train(cfg) == 0
+    finally:
+        for handler, stream in zip(handlers, previous):
+            handler.setStream(stream)
+
+    matches = [STEP_LINE.match(line) for line in buffer.getvalue().splitlines() if line.startswith("step ")]
+    assert matches and all(matches), buffer.getvalue()
+    assert [int(m["step"]) for m in matches] == [1, 2, 3, 4]
+    peak = cfg.log.cpu_peak_tflops * 1e12
+    for m in matches:
+        step = int(m["step"])
+        assert int(m["steps"]) == cfg.train.steps
+        loss = float(m["loss"])
+        assert loss == pytest.approx(math.log(VOCAB), rel=0.1)  # a random model's loss
+        assert m["lr"] == f"{lr_at(step - 1, cfg):.3e}"  # the rate this step's update used
+        norm = float(m["norm"])
+        assert math.isfinite(norm) and norm > 0
+        tokens_per_sec = float(m["tps"].replace(",", ""))
+        assert tokens_per_sec > 0
+        # MFU = achieved FLOP/s over the peak (log.cpu_peak_tflops here), in percent
+        mfu = 100 * tokens_per_sec * flops_per_token(cfg.model, cfg.data.seq_len) / peak
+        slack = 100 * 0.5 * flops_per_token(cfg.model, cfg.data.seq_len) / peak + 0.05  # the rounding
+        assert float(m["mfu"]) == pytest.approx(mfu, abs=slack)
+        assert float(m["mem"]) > 0
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def test_compiled_training_matches_eager(data_dir, tmp_path):
+    """train.compile=true must really compile, and change the numbers no more than fusion does."""
+    # NOTE: slow on a 2-core CPU: about 50 s with a cold inductor cache (C++ kernels are built),
+    # about 10 s once the inductor cache (/tmp/torchinductor_$USER) holds them
+    import torch._dynamo
+
+    torch._dynamo.utils.counters.clear()
+    code, compiled, _, _, _ = _train_and_record(data_dir, tmp_path / "compiled", ["train.steps=2", "train.compile=true"])
+    assert code == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    distributed.shutdown()
+    code, eager, _, _, _ = _train_and_record(data_dir, tmp_path / "eager", ["train.steps=2"])
+    assert code == 0
+    assert [step for step, _ in compiled] == [step for step, _ in eager] == [1, 2]
+    for (_, got), (_, expected) in zip(compiled, eager):
+        assert math.isfinite(got)
+        assert got == pytest.approx(expected, rel=1e-5)
