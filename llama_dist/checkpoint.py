@@ -250,8 +250,12 @@ def load_checkpoint(
     names = [shard_file(info.mp_rank), TRAIN_STATE]
     if optimizer is not None:
         names.append(optimizer_file(info.mp_rank))
+    rng_path = ckpt_dir / rng_file(info.rank)
+    if rng_path.is_file():
+        names.append(rng_path.name)
     if cfg.checkpoint.verify:
         verify_manifest(ckpt_dir, names)
+    train_state = json.loads((ckpt_dir / TRAIN_STATE).read_text())
     state = load_shard(ckpt_dir / shard_file(info.mp_rank))  # memory-mapped: copied once, into the model
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -262,8 +266,6 @@ def load_checkpoint(
         if not path.is_file():
             raise UserError(f"{path} is missing; this checkpoint cannot resume training (it holds weights only)")
         load_optimizer_state(model, optimizer, torch.load(path, map_location="cpu", weights_only=True))
-    train_state = json.loads((ckpt_dir / TRAIN_STATE).read_text())
-    rng_path = ckpt_dir / rng_file(info.rank)
     if train_state.get("world_size") == info.world_size and rng_path.is_file():
         rng = torch.load(rng_path, map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch"])

@@ -298,10 +298,12 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
 
                 if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.steps):
+                    started = time.perf_counter()
                     val = self.validate()
                     log.info(f"step {self.step} | val loss {val['loss']:.4f} | val perplexity {val['perplexity']:.2f}")
                     board.scalars(self.step, {"loss/val": val["loss"], "perplexity/val": val["perplexity"]})
-                    window_start = time.perf_counter()  # validation time is not training throughput
+                    # validation time is not training throughput: the window's clock skips it, keeping its steps
+                    window_start += time.perf_counter() - started
 
                 if stop_now:
                     if last_saved != self.step:

@@ -6,6 +6,7 @@ import logging
 import math
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -183,9 +184,8 @@ STEP_LINE = re.compile(
 )
 
 
-def test_rank0_step_line_has_every_field_with_numbers(data_dir, tmp_path):
-    """What a user watches: the printed line, through the logger's own handler and format."""
-    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=4", "log.interval=1")
+def _train_printing(cfg) -> str:
+    """Train, and return what the llama_dist logger printed, through its own handler and format."""
     handlers = [h for h in distributed.get_logger().handlers if isinstance(h, logging.StreamHandler)]
     assert handlers, "the llama_dist logger prints nothing"
     buffer = io.StringIO()
@@ -195,9 +195,15 @@ def test_rank0_step_line_has_every_field_with_numbers(data_dir, tmp_path):
     finally:
         for handler, stream in zip(handlers, previous):
             handler.setStream(stream)
+    return buffer.getvalue()
 
-    matches = [STEP_LINE.match(line) for line in buffer.getvalue().splitlines() if line.startswith("step ")]
-    assert matches and all(matches), buffer.getvalue()
+
+def test_rank0_step_line_has_every_field_with_numbers(data_dir, tmp_path):
+    """What a user watches: the printed line."""
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=4", "log.interval=1")
+    printed = _train_printing(cfg)
+    matches = [STEP_LINE.match(line) for line in printed.splitlines() if line.startswith("step ")]
+    assert matches and all(matches), printed
     assert [int(m["step"]) for m in matches] == [1, 2, 3, 4]
     peak = cfg.log.cpu_peak_tflops * 1e12
     for m in matches:
@@ -237,3 +243,39 @@ def test_compiled_training_matches_eager(data_dir, tmp_path):
     for (_, got), (_, expected) in zip(compiled, eager):
         assert math.isfinite(got)
         assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_flipped_byte_in_the_rng_state_fails_the_sha256_check(data_dir, committed_run, tmp_path):
+    """Every file a resume reads is checked, the RNG state too, not only the weights."""
+    run = _copy(committed_run, tmp_path)
+    rng = latest_checkpoint(run) / "rng.00000.pt"
+    data = bytearray(rng.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rng.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"rng.00000.pt does not match its sha256"):
+        train(tiny_config(data_dir, run, "train.steps=4"))
+
+
+def test_validation_time_does_not_inflate_throughput(data_dir, tmp_path, monkeypatch):
+    """With validation inside a log window, tok/s still counts every step of the window over
+    the training time of those steps; each step here takes at least STEP_S seconds."""
+    from llama_dist.train import Trainer
+
+    step_s = 0.2
+    train_step, validate = Trainer.train_step, Trainer.validate
+
+    def slow_step(self, *args):
+        time.sleep(step_s)
+        return train_step(self, *args)
+
+    def slow_validate(self):
+        time.sleep(3 * step_s)
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "train_step", slow_step)
+    monkeypatch.setattr(Trainer, "validate", slow_validate)
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=4", "log.interval=4", "train.eval_interval=2")
+    printed = _train_printing(cfg)
+    line = next(STEP_LINE.match(text) for text in printed.splitlines() if text.startswith("step 4/"))
+    tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch_size
+    assert float(line["tps"].replace(",", "")) <= tokens_per_step / step_s
