@@ -4,10 +4,13 @@
     python bench/bench_reshard.py --dir /scratch --layers 8 --keep
 
 Writes a synthetic mp=2 checkpoint (random tensors in Meta's names and shard
-shapes, no model built), then times in child processes, each after an `os.sync()`,
-in a warm-up and --rounds rounds of: a copy of its files (shutil.copytree), one sha256 and one
-CRC-32 pass over them (what a reshard must add to a copy: the manifest's hashes and
-the zip's checksums of the new files), `llama-dist reshard` 2 -> 1 and 1 -> 2.
+shapes, no model built, and a manifest as a training checkpoint has), then times in
+child processes, each after an `os.sync()`, in a warm-up and --rounds rounds of: a copy
+of its files (shutil.copytree), one sha256 and one CRC-32 pass over them (what a reshard
+must add to a copy: the manifest's hashes and the zip's checksums of the new files),
+`llama-dist reshard` 2 -> 1 and 1 -> 2. A reshard also checks SRC against its manifest
+(another sha256 pass; --no-verify leaves it out) and fsyncs its files before it commits
+them; the '+sync' columns wait for the copy's data to reach the disk too.
 On a VM the cost of writing fresh pages drifts several-fold from minute to minute
 (a copy of the same files took 1.8 s and 7 s on the same host), so each writer first
 deletes its output of the round before, and each figure is the median of its ratio
@@ -34,6 +37,8 @@ GiB = 2**30
 HASH_FILES = """
 import hashlib, mmap, os, sys, zlib
 for path in sorted(os.scandir(sys.argv[1]), key=lambda entry: entry.name):
+    if not path.stat().st_size:  # COMMITTED: mmap refuses an empty file
+        continue
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         hashlib.sha256(data).hexdigest(), zlib.crc32(data)
 """
@@ -43,6 +48,7 @@ def write_synthetic(ckpt: Path, args, mp: int) -> None:
     import torch
 
     from llama_dist.meta_format import shard_dim, shard_file, write_params
+    from llama_dist.reshard import write_manifest_and_commit
     from llama_dist.sharded_source import expected_shapes  # full shapes, in Meta's key order
 
     ckpt.mkdir(parents=True)
@@ -59,6 +65,7 @@ def write_synthetic(ckpt: Path, args, mp: int) -> None:
         torch.save(shard, ckpt / shard_file(rank))
         del shard
     write_params(ckpt, args)
+    write_manifest_and_commit(ckpt)  # as a training checkpoint has: a reshard checks SRC against it
 
 
 def run_child(cmd: list[str]) -> tuple[float, float, int, float]:
@@ -111,7 +118,7 @@ def child_main(argv: list[str]) -> None:
 Row = tuple[float, float, int, float]  # run_child's figures
 
 
-def timed_round(python: str, src: Path, root: Path) -> dict[str, Row]:
+def timed_round(python: str, src: Path, root: Path, reshard_flags: list[str]) -> dict[str, Row]:
     """One copy, one sha256 + CRC-32 pass, one reshard 2 -> 1 and one 1 -> 2.
 
     Each writer first deletes what it wrote in the round before, so that each starts
@@ -130,7 +137,7 @@ def timed_round(python: str, src: Path, root: Path) -> dict[str, Row]:
           [python, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])", str(src)])
     # what a verified copy adds: the sha256 (manifest) and CRC-32 (zip) of every byte, one pass each
     rows["sha256 + CRC-32 of it"] = run_child([python, "-c", HASH_FILES, str(src)])
-    cli = [python, "-m", "llama_dist.cli", "reshard", "--mp"]
+    cli = [python, "-m", "llama_dist.cli", "reshard", *reshard_flags, "--mp"]
     write("reshard 2 -> 1", mp1, cli + ["1", str(src)])
     write("reshard 1 -> 2", mp2, cli + ["2", str(mp1)])
     return rows
@@ -147,6 +154,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (copy, hash, reshard 2 -> 1, 1 -> 2)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="reshard with --no-verify: leave out the sha256 check of SRC against its manifest")
     opts = parser.parse_args()
 
     free, layers = shutil.disk_usage(opts.dir).free, opts.layers
@@ -168,7 +177,7 @@ def main() -> None:
         floor = run_child([python, "-c", "import llama_dist.reshard"])
         rounds = []
         for index in range(opts.rounds + 1):
-            rounds.append(timed_round(python, src, root))
+            rounds.append(timed_round(python, src, root, ["--no-verify"] if opts.no_verify else []))
             print(f"{f'round {index}' if index else 'warm-up'}: " + ", ".join(
                 f"{name.split(' (')[0]} {row[0]:.1f}s" for name, row in rounds[-1].items()), flush=True)
         del rounds[0]
