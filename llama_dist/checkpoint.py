@@ -130,18 +130,19 @@ def save_checkpoint(
     barrier()
 
     written: list[Path] = []
+    digests: dict[str, str] = {}  # sha256s of the tensor files, taken while they were written
     if info.dp_rank == 0:  # dp replicas hold the same shard: one writer per mp rank
         path = target / shard_file(info.mp_rank)
-        save_shard(model.state_dict(), path)
+        digests[path.name] = save_shard(model.state_dict(), path)
         written.append(path)
         path = target / optimizer_file(info.mp_rank)
-        save_shard(optimizer_state_tensors(model, optimizer), path)
+        digests[path.name] = save_shard(optimizer_state_tensors(model, optimizer), path)
         written.append(path)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and info.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(info.device)
     path = target / rng_file(info.rank)
-    save_shard(rng, path)
+    digests[path.name] = save_shard(rng, path)
     written.append(path)
     _fault_point("save", step, info)
 
@@ -157,7 +158,7 @@ def save_checkpoint(
             written.append(target / TOKENIZER_FILE)
 
     # each rank hashes what it wrote; rank 0 writes the manifest, then the marker
-    mine = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in written}
+    mine = {p.name: {"sha256": digests.get(p.name) or sha256_file(p), "bytes": p.stat().st_size} for p in written}
     gathered: list[Any] = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()

@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 
 from llama_dist.errors import UserError, load_error_reason
-from llama_dist.files import atomic_write_text, fsync_path
+from llama_dist.files import atomic_write_text
 from llama_dist.model import ModelArgs
+from llama_dist.streamed_save import save_streamed
 
 PARAMS_FILE = "params.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -102,13 +103,10 @@ def load_shard(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Te
     return state
 
 
-def save_shard(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Save contiguous clones so no tensor drags a larger shared storage into the file."""
-    tmp = Path(f"{path}.tmp")
-    torch.save({k: v.detach().clone() if _is_view(v) else v.detach() for k, v in state.items()}, tmp)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-
-
-def _is_view(t: torch.Tensor) -> bool:
-    return not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size()
+def save_shard(state: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
+    """A torch.load-able file of `state` (each tensor its own storage, as Meta's loader expects),
+    written to NAME.tmp, synced and renamed; returns its sha256, hashed from memory while the
+    bytes are written rather than read back afterwards."""
+    tensors = {key: value.detach() for key, value in state.items()}
+    specs = {key: (tuple(value.shape), value.dtype) for key, value in tensors.items()}
+    return save_streamed(Path(path), specs, lambda key: iter([tensors[key].cpu()]))
