@@ -279,3 +279,24 @@ def test_validation_time_does_not_inflate_throughput(data_dir, tmp_path, monkeyp
     line = next(STEP_LINE.match(text) for text in printed.splitlines() if text.startswith("step 4/"))
     tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch_size
     assert float(line["tps"].replace(",", "")) <= tokens_per_step / step_s
+
+
+def test_save_shard_writes_each_tensor_alone_and_returns_the_files_sha256(tmp_path):
+    """Views of one big tensor must not drag its whole storage into the file (Meta's loader
+    reads each tensor as saved), and the returned sha256, taken while writing, is the file's."""
+    from llama_dist.files import sha256_file
+    from llama_dist.meta_format import save_shard
+
+    base = torch.randn(64, 32)
+    state = {"rows": base[:4], "transposed": base[:8, :8].t(), "scalar": torch.tensor(2.5),
+             "half": torch.randn(16).to(torch.bfloat16)}
+    path = tmp_path / "consolidated.00.pth"
+    digest = save_shard(state, path)
+    assert digest == sha256_file(path)
+    back = torch.load(path, weights_only=True)
+    assert list(back) == list(state)
+    for key, tensor in state.items():
+        assert torch.equal(back[key], tensor) and back[key].dtype == tensor.dtype, key
+        assert back[key].untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), key
+    assert path.stat().st_size < base.numel() * base.element_size()  # the 8 KiB base is not in it
+    assert not list(tmp_path.glob("*.tmp"))
