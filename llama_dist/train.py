@@ -370,9 +370,11 @@ def cli(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)  # fail fast, before starting any process
     if args.nproc > 1 and not under_torchrun():
         preflight(cfg, world_size=args.nproc)  # one clean error line here, not one per rank
+        run_dir = Path(cfg.train.run_dir)
+        for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):  # an earlier run's must not speak for this one
+            (run_dir / marker).unlink(missing_ok=True)
         code = relaunch("llama_dist.train", [args.config, *args.overrides], args.nproc)
         # torchrun reports any worker failure as 1; a marker says it was a preemption save or divergence
-        run_dir = Path(cfg.train.run_dir)
         if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
             return EXIT_PREEMPTED
         if code != 0 and (run_dir / DIVERGED_MARKER).is_file():
