@@ -8,6 +8,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -303,6 +305,40 @@ def test_pages_read_from_a_source_leave_the_resident_set(tmp_path, monkeypatch):
     assert resident_mib() - before < 16
     assert weight.sum().item() == total  # released pages read back from the page cache
     sources.close()
+
+
+PEAK_PROBE = """
+import re, sys
+from pathlib import Path
+from llama_dist import reshard, sharded_source
+
+def status_kib(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+# the bounds a 4 GB checkpoint meets at 32 MiB and 256 MiB, scaled down to this one
+reshard.CHUNK_BYTES, sharded_source.RELEASE_LAG = 1 << 20, 8 << 20
+Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+before = status_kib("VmRSS")
+reshard.reshard(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+print((status_kib("VmHWM") - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from Linux's /proc")
+def test_a_whole_reshard_holds_a_small_part_of_the_checkpoint(tmp_path):
+    """Streaming end to end, in a fresh process: the peak resident set grows by far less than
+    the checkpoint, both merging (2 -> 1, rows stitched on dim 1) and splitting (1 -> 2)."""
+    args = dataclasses.replace(LLAMA2, dim=512, n_layers=6, n_heads=8, n_kv_heads=8, vocab_size=32000,
+                               multiple_of=256)
+    src = write_checkpoint(tmp_path / "mp2", args, model_weights(args), 2)
+    size = sum(p.stat().st_size for p in src.glob("*.pth"))
+    assert size > 200e6
+    for source, dst, mp in ((src, tmp_path / "mp1", 1), (tmp_path / "mp1", tmp_path / "mp2-again", 2)):
+        out = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(source), str(dst), str(mp)],
+                             capture_output=True, text=True, check=True).stdout
+        grown = int(out.split()[-1])
+        assert grown < size / 4, f"reshard to mp={mp}: the resident set grew by {grown / 1e6:.0f} MB " \
+                                 f"for a {size / 1e6:.0f} MB checkpoint"
 
 
 def test_source_is_never_touched(tmp_path, training_ckpt):
