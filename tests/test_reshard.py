@@ -317,7 +317,10 @@ def status_kib(field):
 
 # the bounds a 4 GB checkpoint meets at 32 MiB and 256 MiB, scaled down to this one
 reshard.CHUNK_BYTES, sharded_source.RELEASE_LAG = 1 << 20, 8 << 20
-Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+try:
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+except OSError:  # a kernel or sandbox that refuses it
+    sys.exit(print("no clear_refs"))
 before = status_kib("VmRSS")
 reshard.reshard(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 print((status_kib("VmHWM") - before) * 1024)
@@ -336,6 +339,8 @@ def test_a_whole_reshard_holds_a_small_part_of_the_checkpoint(tmp_path):
     for source, dst, mp in ((src, tmp_path / "mp1", 1), (tmp_path / "mp1", tmp_path / "mp2-again", 2)):
         out = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(source), str(dst), str(mp)],
                              capture_output=True, text=True, check=True).stdout
+        if out.startswith("no clear_refs"):
+            pytest.skip("this kernel does not let a process reset its peak resident set")
         grown = int(out.split()[-1])
         assert grown < size / 4, f"reshard to mp={mp}: the resident set grew by {grown / 1e6:.0f} MB " \
                                  f"for a {size / 1e6:.0f} MB checkpoint"
