@@ -76,7 +76,7 @@ class CheckpointConfig:
     interval: int = 100  # steps between checkpoints; 0 saves only at the end
     keep_last: int = 3
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this
-    resume: bool = True  # resume from the latest complete checkpoint in run_dir
+    resume: bool = True  # resume from the latest complete checkpoint in run_dir; false refuses a run_dir that has one
     verify: bool = True  # check the sha256 manifest on load
 
 
@@ -258,6 +258,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"train.dtype={cfg.train.dtype!r} must be auto, fp32 or bf16")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device={cfg.train.device!r} must be auto, cpu or cuda")
+    # NCCL moves CUDA tensors only, and the ranks train where their backend's tensors live
+    if (cfg.train.device, p.backend) in (("cuda", "gloo"), ("cpu", "nccl")):
+        raise ConfigError(f"train.device={cfg.train.device} does not go with parallel.backend={p.backend}: "
+                          f"use nccl for cuda and gloo for cpu, or parallel.backend=auto")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     if world_size is not None:

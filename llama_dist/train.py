@@ -39,6 +39,7 @@ from llama_dist.allocator import keep_freed_memory
 from llama_dist.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from llama_dist.config import Config, load_config, validate
 from llama_dist.distributed import DistInfo, get_logger
+from llama_dist.errors import UserError
 from llama_dist.metrics import TensorBoard, device_peak_flops, format_duration, memory_gib
 from llama_dist.model import Transformer, flops_per_token
 
@@ -154,7 +155,12 @@ class Trainer:
     # ----------------------------------------------------------------- state
 
     def resume(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir) if self.cfg.checkpoint.resume else None
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None and not self.cfg.checkpoint.resume:
+            # a fresh run here would save beside them, and a later resume could pick up the old run
+            raise UserError(f"{self.run_dir} already holds checkpoints (the latest is {ckpt.name}) and "
+                            f"checkpoint.resume=false; choose a new train.run_dir, or delete "
+                            f"{self.run_dir / 'checkpoints'} to start over")
         if ckpt is None:
             return
         state = load_checkpoint(ckpt, self.model, self.optimizer, self.cfg, self.info)
@@ -305,7 +311,7 @@ class Trainer:
                     # validation time is not training throughput: the window's clock skips it, keeping its steps
                     window_start += time.perf_counter() - started
 
-                if stop_now:
+                if stop_now and self.step < cfg.train.steps:  # on the last step: finish as usual
                     if last_saved != self.step:
                         self.save()
                     if info.is_rank0:

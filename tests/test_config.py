@@ -77,6 +77,8 @@ def test_missing_file_names_the_bundled_choices():
     (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
     (["optim.min_lr=1"], "optim.min_lr=1.0 is above optim.lr=0.003"),
     (["train.dtype=fp8"], "train.dtype='fp8' must be auto, fp32 or bf16"),
+    (["train.device=cuda", "parallel.backend=gloo"], "train.device=cuda does not go with parallel.backend=gloo"),
+    (["train.device=cpu", "parallel.backend=nccl"], "train.device=cpu does not go with parallel.backend=nccl"),
     (["model.n_layers=0"], "model.n_layers must be positive, got 0"),
 ])
 def test_invalid_combinations_name_both_values(overrides, message):

@@ -300,3 +300,38 @@ def test_save_shard_writes_each_tensor_alone_and_returns_the_files_sha256(tmp_pa
         assert back[key].untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), key
     assert path.stat().st_size < base.numel() * base.element_size()  # the 8 KiB base is not in it
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_false_refuses_a_run_dir_that_already_has_checkpoints(data_dir, committed_run, tmp_path):
+    """A fresh run would save beside the old run's checkpoints (its step-2 kept, as committed),
+    and a later resume could land in the old run: refuse, and touch nothing."""
+    run = _copy(committed_run, tmp_path)
+    ckpt = latest_checkpoint(run)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    with pytest.raises(UserError) as err:
+        train(tiny_config(data_dir, run, "train.steps=2", "checkpoint.resume=false", "train.seed=7"))
+    message = str(err.value)
+    assert "\n" not in message and "step-000002" in message and "checkpoint.resume=false" in message
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+def test_a_stop_signal_on_the_last_step_finishes_the_run(data_dir, tmp_path, monkeypatch):
+    """Nothing is left to resume: exit 0 with the final checkpoint, not 75 and a pointless
+    requeue; a stop before the last step still saves and exits 75."""
+    from llama_dist.train import EXIT_PREEMPTED, PREEMPTED_MARKER, Trainer
+
+    train_step, stop_at = Trainer.train_step, {}
+
+    def stop_during(self, *args):
+        loss, norm, skipped, stop_now = train_step(self, *args)
+        return loss, norm, skipped, stop_now or self.step + 1 == stop_at["step"]
+
+    monkeypatch.setattr(Trainer, "train_step", stop_during)
+    stop_at["step"] = 3
+    assert train(tiny_config(data_dir, tmp_path / "last", "train.steps=3")) == 0
+    assert latest_checkpoint(tmp_path / "last").name == "step-000003"
+    assert not (tmp_path / "last" / PREEMPTED_MARKER).exists()
+    stop_at["step"] = 2
+    assert train(tiny_config(data_dir, tmp_path / "early", "train.steps=5")) == EXIT_PREEMPTED
+    assert latest_checkpoint(tmp_path / "early").name == "step-000002"
+    assert (tmp_path / "early" / PREEMPTED_MARKER).exists()
