@@ -28,3 +28,13 @@ def data_dir(tmp_path_factory):
     tokenizer = train_tokenizer(["stdlib"], VOCAB, str(root / "tok"), max_bytes=1_500_000)
     prepare(["stdlib"], str(tokenizer), str(root / "stdlib"), workers=2, val_fraction=0.05, max_bytes=1_500_000)
     return root / "stdlib"
+
+
+@pytest.fixture()
+def training_ckpt(tmp_path):
+    """An mp=1 training checkpoint of the reshard tests' small model: (dir, weights, optimizer state)."""
+    from reshard_helpers import LLAMA2, model_weights, optimizer_state, write_checkpoint
+
+    weights = model_weights(LLAMA2)
+    optimizer = optimizer_state(weights)
+    return write_checkpoint(tmp_path / "mp1", LLAMA2, weights, 1, optimizer), weights, optimizer
