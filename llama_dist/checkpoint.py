@@ -22,7 +22,7 @@ from torch import nn
 from llama_dist.config import Config
 from llama_dist.distributed import DistInfo, barrier
 from llama_dist.errors import UserError
-from llama_dist.files import atomic_write_text, fsync_path, sha256_file
+from llama_dist.files import atomic_copy_file, atomic_write_text, fsync_path, sha256_file
 from llama_dist.meta_format import (
     TOKENIZER_FILE,
     load_shard,
@@ -152,9 +152,7 @@ def save_checkpoint(
         atomic_write_text(target / "config.yaml", cfg.to_yaml())
         written += [target / "params.json", target / TRAIN_STATE, target / "config.yaml"]
         if tokenizer_path is not None and Path(tokenizer_path).is_file():
-            shutil.copyfile(tokenizer_path, target / f"{TOKENIZER_FILE}.tmp")
-            fsync_path(target / f"{TOKENIZER_FILE}.tmp")
-            os.replace(target / f"{TOKENIZER_FILE}.tmp", target / TOKENIZER_FILE)
+            atomic_copy_file(tokenizer_path, target / TOKENIZER_FILE)
             written.append(target / TOKENIZER_FILE)
 
     # each rank hashes what it wrote; rank 0 writes the manifest, then the marker

@@ -47,6 +47,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy to NAME.tmp, sync, rename into place."""
+    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+    shutil.copyfile(src, tmp)
+    fsync_path(tmp)
+    os.replace(tmp, dst)
+
+
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 

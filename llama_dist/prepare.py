@@ -21,7 +21,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from collections import deque
 from itertools import chain
@@ -31,7 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from llama_dist import shards
-from llama_dist.files import atomic_write_json, sha256_file
+from llama_dist.files import atomic_copy_file, atomic_write_json, sha256_file
 from llama_dist.errors import UserError
 from llama_dist.sources import Corpus, parse_size
 from llama_dist.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -335,9 +334,7 @@ def prepare(
 
     copied = out / TOKENIZER_FILE
     if not (copied.exists() and copied.resolve() == tokenizer_file.resolve()):
-        tmp = copied.with_name(copied.name + ".tmp")
-        shutil.copyfile(tokenizer_file, tmp)
-        os.replace(tmp, copied)
+        atomic_copy_file(tokenizer_file, copied)
     stats = corpus.stats
     manifest = shards.make_manifest(
         tokenizer_sha, tokenizer.n_words, sink.shards, key=key, inputs=list(inputs),
