@@ -47,7 +47,8 @@ for path in sorted(os.scandir(sys.argv[1]), key=lambda entry: entry.name):
 def write_synthetic(ckpt: Path, args, mp: int) -> None:
     import torch
 
-    from llama_dist.meta_format import shard_dim, shard_file, write_params
+    from llama_dist.checkpoint_files import shard_file
+    from llama_dist.meta_format import shard_dim, write_params
     from llama_dist.reshard import write_manifest_and_commit
     from llama_dist.sharded_source import expected_shapes  # full shapes, in Meta's key order
 
@@ -86,7 +87,7 @@ def run_child(cmd: list[str]) -> tuple[float, float, int, float]:
 def same_tensors(a: Path, b: Path, mp: int) -> bool:
     import torch
 
-    from llama_dist.meta_format import shard_file
+    from llama_dist.checkpoint_files import shard_file
 
     for rank in range(mp):
         x = torch.load(a / shard_file(rank), mmap=True, weights_only=True)

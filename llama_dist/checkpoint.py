@@ -19,23 +19,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llama_dist.checkpoint_files import (
+    COMMIT_MARKER,
+    CONFIG_FILE,
+    MANIFEST,
+    PARAMS_FILE,
+    TOKENIZER_FILE,
+    TRAIN_STATE,
+    optimizer_file,
+    shard_file,
+    verify_manifest,
+)
 from llama_dist.config import Config
 from llama_dist.distributed import DistInfo, barrier
 from llama_dist.errors import UserError
 from llama_dist.files import atomic_copy_file, atomic_write_text, fsync_path, sha256_file
-from llama_dist.meta_format import (
-    TOKENIZER_FILE,
-    load_shard,
-    read_params,
-    save_shard,
-    shard_file,
-    shard_paths,
-    write_params,
-)
+from llama_dist.meta_format import load_shard, read_params, save_shard, shard_paths, write_params
 
-COMMIT_MARKER = "COMMITTED"
-MANIFEST = "manifest.json"
-TRAIN_STATE = "train_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -45,10 +45,6 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
 
 def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return checkpoints_dir(run_dir) / f"step-{step:06d}"
-
-
-def optimizer_file(mp_rank: int) -> str:
-    return f"optimizer.{mp_rank:02d}.pt"
 
 
 def rng_file(rank: int) -> str:
@@ -149,8 +145,8 @@ def save_checkpoint(
     if info.is_rank0:
         write_params(target, cfg.model)
         atomic_write_text(target / TRAIN_STATE, json.dumps(train_state, indent=2) + "\n")
-        atomic_write_text(target / "config.yaml", cfg.to_yaml())
-        written += [target / "params.json", target / TRAIN_STATE, target / "config.yaml"]
+        atomic_write_text(target / CONFIG_FILE, cfg.to_yaml())
+        written += [target / PARAMS_FILE, target / TRAIN_STATE, target / CONFIG_FILE]
         if tokenizer_path is not None and Path(tokenizer_path).is_file():
             atomic_copy_file(tokenizer_path, target / TOKENIZER_FILE)
             written.append(target / TOKENIZER_FILE)
@@ -202,25 +198,6 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: in
 
 
 # --------------------------------------------------------------------------- load
-
-
-RESUME_FIX = "resume from an earlier checkpoint (delete this directory) or set checkpoint.verify=false"
-
-
-def verify_manifest(ckpt_dir: Path, names: list[str], fix: str = RESUME_FIX) -> None:
-    """Each of `names` is listed in manifest.json with the sha256 it has now; `fix` ends the error."""
-    manifest_path = ckpt_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"{ckpt_dir} has no {MANIFEST}; it is not a complete llama_dist checkpoint")
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{manifest_path} is not a manifest of files and sha256s; {fix}") from None
-    for name in names:
-        if name not in files:
-            raise UserError(f"{ckpt_dir / name} is not listed in {MANIFEST}; {fix}")
-        if sha256_file(ckpt_dir / name) != files[name]["sha256"]:
-            raise UserError(f"{ckpt_dir / name} does not match its sha256 in {MANIFEST}: the file is corrupt; {fix}")
 
 
 def check_compatible(ckpt_dir: Path, cfg: Config, info: DistInfo) -> None:

@@ -12,7 +12,7 @@ COMMANDS = {
     "tokenizer": ("llama_dist.tokenizer:cli", "train a sentencepiece BPE tokenizer"),
     "prepare": ("llama_dist.prepare:cli", "pretokenize a corpus into shards"),
     "train": ("llama_dist.train:cli", "train (in-process, or torchrun with --nproc N)"),
-    "reshard": ("llama_dist.reshard:cli", "change a checkpoint's model-parallel size"),
+    "reshard": ("llama_dist.reshard_cli:cli", "change a checkpoint's model-parallel size"),
     "generate": ("llama_dist.generation:cli", "generate text from a checkpoint"),
     "eval": ("llama_dist.evaluate:cli", "validation loss and perplexity of a checkpoint"),
     "export-hf": ("llama_dist.export_hf:cli", "write a transformers LlamaForCausalLM directory"),

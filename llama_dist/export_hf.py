@@ -24,7 +24,8 @@ import yaml
 
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
-from llama_dist.meta_format import TOKENIZER_FILE, read_params
+from llama_dist.checkpoint_files import TOKENIZER_FILE
+from llama_dist.meta_format import read_params
 from llama_dist.model import ModelArgs
 from llama_dist.files import staged_directory
 from llama_dist.reshard import CONFIG_FILE, DTYPES, parse_dtype

@@ -16,14 +16,12 @@ from typing import Optional
 
 import torch
 
+from llama_dist.checkpoint_files import PARAMS_FILE, SHARD_NAME, TOKENIZER_FILE, shard_file  # noqa: F401 - here too
 from llama_dist.errors import UserError, load_error_reason
 from llama_dist.files import atomic_write_text
 from llama_dist.model import ModelArgs
 from llama_dist.streamed_save import save_streamed
 
-PARAMS_FILE = "params.json"
-TOKENIZER_FILE = "tokenizer.model"
-SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
 META_KEY = re.compile(
     r"^(tok_embeddings\.weight|norm\.weight|output\.weight|rope\.freqs|"
     r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123]|attention_norm|ffn_norm)\.weight)$"
@@ -31,10 +29,6 @@ META_KEY = re.compile(
 COLUMN_PARALLEL = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.",
                    "feed_forward.w3.", "output.")
 ROW_PARALLEL = ("attention.wo.", "feed_forward.w2.")
-
-
-def shard_file(mp_rank: int) -> str:
-    return f"consolidated.{mp_rank:02d}.pth"
 
 
 def shard_paths(ckpt_dir: str | os.PathLike) -> list[Path]:

@@ -10,7 +10,8 @@ few hundred MiB over the interpreter's, whatever the checkpoint's size.
 
 Everything goes into a temporary sibling of DST, renamed into place at the end;
 SRC is only read, and every check runs before the first byte is written, except
-SRC's sha256 manifest, which a thread checks while the new files are written. The
+SRC's sha256 manifest, which a thread checks meanwhile (reshard_cli starts it before
+torch is imported) and which must pass before anything is committed. The
 training state follows the weights: optimizer moments are split like their
 parameters, train_state.json and config.yaml get the new mp, rng files (one per
 rank of the old world) are dropped, and a fresh manifest and COMMITTED close it.
@@ -18,13 +19,10 @@ rank of the old world) are dropped, and a fresh manifest and COMMITTED close it.
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import math
 import re
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -32,21 +30,20 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 import yaml
 
-from llama_dist.checkpoint import COMMIT_MARKER as COMMITTED
-from llama_dist.checkpoint import MANIFEST, TRAIN_STATE, verify_manifest
+from llama_dist.checkpoint_files import COMMIT_MARKER as COMMITTED
+from llama_dist.checkpoint_files import (CONFIG_FILE, MANIFEST, OPTIMIZER_FILE, TRAIN_STATE, BackgroundCheck,
+                                         optimizer_file, shard_file)
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError, load_error_reason
 from llama_dist.files import atomic_write_text, fsync_path, sha256_file, staged_directory
-from llama_dist.meta_format import PARAMS_FILE, TOKENIZER_FILE, shard_file
+from llama_dist.reshard_cli import DTYPE_NAMES, start_source_check
 from llama_dist.sharded_source import (MappedSources, ModelShards, PathLike, Sharded, check_replicated,
                                        inspect_model, read_sharded)
 from llama_dist.streamed_save import Block, save_streamed
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_NAMES.items()}
 CHUNK_BYTES = 32 << 20  # the most of one destination tensor assembled at once
 PARALLEL_FILES = 2  # destination files written at once
-CONFIG_FILE = "config.yaml"
-OPTIMIZER_FILE = re.compile(r"^optimizer\.\d+\.pt$")
 OPTIMIZER_KEY = re.compile(r"^(exp_avg|exp_avg_sq|step)/(.+)$")
 # rng files hold a generator per global rank of the old world; checklist.chk (in Meta's
 # releases) holds md5s of the old shards: neither is true after a reshard
@@ -86,7 +83,7 @@ def _inspect_optimizer(ckpt_dir: Path, model: ModelShards) -> Optional[Sharded]:
     """The optimizer.NN.pt files, one per model shard, each moment shaped like its weight's shard."""
     found = sorted(p for p in ckpt_dir.iterdir() if OPTIMIZER_FILE.match(p.name))
     n = len(model.weights.paths)
-    paths = [ckpt_dir / f"optimizer.{rank:02d}.pt" for rank in range(n)]
+    paths = [ckpt_dir / optimizer_file(rank) for rank in range(n)]
     if not found:
         return None
     if found != paths:
@@ -242,16 +239,6 @@ def _copy_other_files(src: Path, tmp: Path, texts: dict[str, str]) -> None:
         log.info(f"reshard: not carried over (tied to the old layout): {', '.join(dropped)}")
 
 
-def _verify_source(src: Path, read: list[Path]) -> None:
-    """SRC against its manifest, where it has one (a training checkpoint; Meta's releases have
-    none): a corrupt file must not come out of a reshard under a fresh, valid manifest."""
-    if not (src / MANIFEST).is_file():
-        return
-    carried = [name for name in (PARAMS_FILE, TRAIN_STATE, CONFIG_FILE, TOKENIZER_FILE) if (src / name).is_file()]
-    verify_manifest(src, [path.name for path in read] + carried,
-                    fix="reshard an earlier checkpoint, or pass --no-verify to reshard this one as it is")
-
-
 def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -261,14 +248,24 @@ def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
 
 
 def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, torch.dtype, None] = None,
-            force: bool = False, verify: bool = True) -> None:
+            force: bool = False, verify: bool = True, source_check: Optional[BackgroundCheck] = None) -> None:
     """Write the checkpoint in `src` to `dst` with `mp` model-parallel shards.
 
     `dtype` casts the model weights (for a release); optimizer moments keep theirs.
-    `verify` checks SRC's sha256 manifest, if it has one, while the new files are written.
+    `verify` checks SRC's sha256 manifest, if it has one, in a thread while the reshard
+    works; `source_check` is that check, already started (by the CLI, before it imports torch).
     """
-    src, dst = Path(src), Path(dst)
-    cast_to = parse_dtype(dtype)
+    src = Path(src)
+    check = source_check or (start_source_check(src) if verify else None)
+    try:
+        _reshard(src, Path(dst), mp, parse_dtype(dtype), force, check)
+    finally:
+        if check is not None:
+            check.cancel()  # after an error; a finished check stays as it is
+
+
+def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[torch.dtype], force: bool,
+             check: Optional[BackgroundCheck]) -> None:
     model = inspect_model(src)
     _check_divisible(model, mp)
     optimizer = _inspect_optimizer(src, model)
@@ -282,50 +279,14 @@ def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, torch.dtype
     if model.dropped:
         log.info(f"reshard: dropped {', '.join(model.dropped)} (Llama 1's rotary table; loaders recompute it)")
 
-    read = model.weights.paths + (optimizer.paths if optimizer is not None else [])
-    with staged_directory(dst, force) as tmp, ThreadPoolExecutor(max_workers=1) as checker:
-        checked = checker.submit(_verify_source, src, read) if verify else None
+    with staged_directory(dst, force) as tmp:
         weights = model.weights
         digests = _reshard_files(weights, mp, [tmp / shard_file(r) for r in range(mp)],
                                  lambda key: cast_to or weights.dtypes[key])
         if optimizer is not None:
-            digests |= _reshard_files(optimizer, mp, [tmp / f"optimizer.{r:02d}.pt" for r in range(mp)],
+            digests |= _reshard_files(optimizer, mp, [tmp / optimizer_file(r) for r in range(mp)],
                                       lambda key: optimizer.dtypes[key])
-        if checked is not None:
-            checked.result()  # before anything is committed
+        if check is not None:
+            check.result()  # before anything is committed
         _copy_other_files(src, tmp, texts)
         write_manifest_and_commit(tmp, digests)
-
-
-
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="llama-dist reshard",
-        description="Write a checkpoint with another model-parallel size (weights and training state).",
-    )
-    parser.add_argument("src", help="checkpoint directory: consolidated.NN.pth + params.json")
-    parser.add_argument("dst", help="new directory (must not exist or be empty, unless --force)")
-    parser.add_argument("--mp", type=int, required=True, help="the new model-parallel size")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights, e.g. bf16 for a release")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty DST once the new one is complete")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip checking SRC's files against its sha256 manifest")
-    args = parser.parse_args(argv)
-    # stitching rows is memory-bound, and the write, CRC-32 and sha256 threads already fill
-    # the cores: OpenMP workers spinning between the copies would only take time from them.
-    # The objects of torch's modules go to the collector's permanent generation, which full
-    # collections (set off by the blocks' futures) then need not walk.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.collect()
-    gc.freeze()
-    start = time.perf_counter()
-    try:
-        reshard(args.src, args.dst, args.mp, dtype=args.dtype, force=args.force, verify=not args.no_verify)
-    finally:
-        gc.unfreeze()  # the CLI can be called in-process
-        torch.set_num_threads(threads)
-    size = sum(p.stat().st_size for p in Path(args.dst).iterdir())
-    print(f"resharded {args.src} -> {args.dst} (mp={args.mp}, {size / 2**30:.2f} GiB) "
-          f"in {time.perf_counter() - start:.1f}s")
-    return 0

@@ -115,10 +115,15 @@ def test_strided_tensors_are_read_as_tensors_not_as_their_storage(tmp_path):
     assert torch.equal(load(tmp_path / "back" / "consolidated.00.pth")[key], weights[key])
 
 
-def test_corrupt_source_is_refused_unless_no_verify(tmp_path):
+def test_corrupt_source_is_refused_unless_no_verify(tmp_path, capsys):
     src, _ = _break("corrupt", tmp_path)
     with pytest.raises(UserError, match="does not match its sha256"):
         reshard(src, tmp_path / "checked", 1)
+    # the command starts its check before importing torch, and reports it the same way
+    assert llama_dist_main(["reshard", str(src), str(tmp_path / "cli_checked"), "--mp", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "consolidated.01.pth does not match its sha256" in err, err
+    assert not (tmp_path / "cli_checked").exists()
     reshard(src, tmp_path / "as_is", 1, verify=False)
     changed = load(src / "consolidated.01.pth")["layers.1.feed_forward.w2.weight"]
     merged = load(tmp_path / "as_is" / "consolidated.00.pth")["layers.1.feed_forward.w2.weight"]

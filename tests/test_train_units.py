@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from llama_dist import distributed
-from llama_dist.checkpoint import latest_checkpoint, verify_manifest
+from llama_dist.checkpoint import latest_checkpoint
+from llama_dist.checkpoint_files import shard_file, verify_manifest
 from llama_dist.errors import UserError
-from llama_dist.meta_format import shard_file
 from llama_dist.model import Transformer, flops_per_token
 from llama_dist.train import build_optimizer, lr_at, train
 from multiproc import run_ranks

@@ -1,0 +1,104 @@
+"""The sha256 of a file through its memory map, and the manifest check that runs in a thread
+(reshard's, started before torch is imported)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import CancelledError
+
+import pytest
+
+from llama_dist import checkpoint_files, files
+from llama_dist.checkpoint_files import MANIFEST, BackgroundCheck, verify_manifest
+from llama_dist.errors import UserError
+
+
+def test_sha256_file_matches_hashlib_across_windows(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "HASH_WINDOW", 4096)  # a page: the windows are dropped from the map as hashed
+    for size in (0, 1, 4095, 4096, 3 * 4096 + 5):
+        data = os.urandom(size)
+        (tmp_path / "f").write_bytes(data)
+        assert files.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest(), size
+
+
+def test_sha256_file_stops_when_asked(tmp_path):
+    (tmp_path / "f").write_bytes(b"x" * 10)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(CancelledError):
+        files.sha256_file(tmp_path / "f", stop)
+
+
+def _checkpoint(tmp_path, **contents: bytes):
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    manifest = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                for name, data in contents.items()}
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": manifest}))
+    return tmp_path
+
+
+def test_background_check_reports_a_corrupt_file_as_verify_manifest_does(tmp_path):
+    ckpt = _checkpoint(tmp_path, a=b"aaaa", b=b"bbbb")
+    BackgroundCheck(ckpt, ["a", "b"], "the fix").result()  # intact
+    (ckpt / "b").write_bytes(b"bbbc")
+    with pytest.raises(UserError, match=r"b does not match its sha256 in manifest.json: .*; the fix$"):
+        verify_manifest(ckpt, ["a", "b"], "the fix")
+    check = BackgroundCheck(ckpt, ["a", "b"], "the fix")
+    with pytest.raises(UserError, match=r"b does not match its sha256 in manifest.json: .*; the fix$"):
+        check.result()
+
+
+def _hash_until_stopped(path, stop=None):
+    """A hash that takes until cancel() (or 30 s): the check is surely still running when cancelled."""
+    stop.wait(30)
+    if stop.is_set():
+        raise CancelledError(f"hashing {path}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "manifest-check"]
+
+
+def test_cancel_stops_the_hashing_and_the_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_files, "sha256_file", _hash_until_stopped)
+    check = BackgroundCheck(_checkpoint(tmp_path, a=b"a"), ["a"], "the fix")
+    check.cancel()
+    assert not _check_threads()
+    with pytest.raises(CancelledError):
+        check.result()
+
+
+def test_a_reshard_that_fails_early_stops_its_source_check(tmp_path, training_ckpt, monkeypatch):
+    from llama_dist.reshard import reshard
+
+    src = training_ckpt[0]
+    assert (src / MANIFEST).is_file()
+    monkeypatch.setattr(checkpoint_files, "sha256_file", _hash_until_stopped)
+    with pytest.raises(UserError, match="--mp 3 does not divide"):
+        reshard(src, tmp_path / "dst", 3)
+    assert not _check_threads()
+
+
+CHILD = """
+import sys
+from llama_dist import reshard_cli
+start = reshard_cli.start_source_check
+def watched(src):
+    print("torch imported when the check started:", "torch" in sys.modules)
+    return start(src)
+reshard_cli.start_source_check = watched
+sys.exit(reshard_cli.cli(sys.argv[1:]))
+"""
+
+
+def test_the_reshard_command_starts_its_source_check_before_importing_torch(tmp_path, training_ckpt):
+    """What lets the check's hashing overlap torch's import on a core of its own."""
+    out = subprocess.run([sys.executable, "-c", CHILD, str(training_ckpt[0]), str(tmp_path / "dst"), "--mp", "2"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "torch imported when the check started: False" in out
+    assert (tmp_path / "dst" / "COMMITTED").is_file()
