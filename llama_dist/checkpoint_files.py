@@ -81,6 +81,11 @@ class BackgroundCheck:
         if self._error is not None:
             raise self._error
 
+    def raise_if_failed(self) -> None:
+        """Raise what the check raised, if it has finished and failed; never wait."""
+        if not self._thread.is_alive() and self._error is not None:
+            raise self._error
+
     def cancel(self) -> None:
         """Stop hashing (within one window) and wait for the thread; a finished check is left as it is."""
         self._stop.set()

@@ -176,9 +176,13 @@ def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int,
         yield from _row_blocks(parts, dim)
 
 
-def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path],
-                   dtype_of: Callable[[str], torch.dtype]) -> dict[str, str]:
-    """Write the M destination files of one kind straight from the N mapped sources; their sha256s."""
+def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path], dtype_of: Callable[[str], torch.dtype],
+                   check: Optional[BackgroundCheck]) -> dict[str, str]:
+    """Write the M destination files of one kind straight from the N mapped sources; their sha256s.
+
+    A source check that has already failed stops the writing at the next tensor: a 70B
+    reshard need not write on for minutes to report a corrupt shard.
+    """
     sources, specs = MappedSources(files), {}
     for key in files.shapes:
         shape, dim = list(files.full_shape(key)), files.dims[key]
@@ -188,6 +192,8 @@ def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path],
 
     def write(rank: int) -> tuple[str, str]:
         def fill(key: str) -> Iterator[Block]:
+            if check is not None:
+                check.raise_if_failed()
             tensors = sources.tensors(key)
             if files.dims[key] is None:
                 check_replicated(key, tensors, files.paths)
@@ -282,10 +288,10 @@ def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[torch.dtype], forc
     with staged_directory(dst, force) as tmp:
         weights = model.weights
         digests = _reshard_files(weights, mp, [tmp / shard_file(r) for r in range(mp)],
-                                 lambda key: cast_to or weights.dtypes[key])
+                                 lambda key: cast_to or weights.dtypes[key], check)
         if optimizer is not None:
             digests |= _reshard_files(optimizer, mp, [tmp / optimizer_file(r) for r in range(mp)],
-                                      lambda key: optimizer.dtypes[key])
+                                      lambda key: optimizer.dtypes[key], check)
         if check is not None:
             check.result()  # before anything is committed
         _copy_other_files(src, tmp, texts)

@@ -131,6 +131,29 @@ def test_corrupt_source_is_refused_unless_no_verify(tmp_path, capsys):
     assert llama_dist_main(["reshard", str(src), str(tmp_path / "cli"), "--mp", "1", "--no-verify"]) == 0
 
 
+def test_a_failed_source_check_stops_the_writing_at_the_next_tensor(tmp_path, monkeypatch):
+    from llama_dist import reshard as reshard_module
+    from llama_dist.reshard_cli import start_source_check
+
+    src, _ = _break("corrupt", tmp_path)
+    check = start_source_check(src)
+    with pytest.raises(UserError):
+        check.result()  # finished, and failed, before the reshard starts
+    filled, save_streamed = [], reshard_module.save_streamed
+
+    def counting(path, specs, fill, locate=None):
+        def counted(key):
+            filled.append(key)
+            yield from fill(key)
+        return save_streamed(path, specs, counted, locate)
+
+    monkeypatch.setattr(reshard_module, "save_streamed", counting)
+    with pytest.raises(UserError, match="consolidated.01.pth does not match its sha256"):
+        reshard(src, tmp_path / "dst", 1, source_check=check)
+    assert len(filled) == 1  # of the shard's 21 tensors
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob("dst.tmp-*"))
+
+
 def test_non_empty_destination_needs_force(tmp_path, training_ckpt):
     src, weights, _ = training_ckpt
     dst = tmp_path / "dst"
