@@ -25,10 +25,11 @@ from llama_dist.checkpoint_files import (
     MANIFEST,
     PARAMS_FILE,
     TOKENIZER_FILE,
+    RESUME_FIX,
     TRAIN_STATE,
+    BackgroundCheck,
     optimizer_file,
     shard_file,
-    verify_manifest,
 )
 from llama_dist.config import Config
 from llama_dist.distributed import DistInfo, barrier
@@ -229,8 +230,26 @@ def load_checkpoint(
     rng_path = ckpt_dir / rng_file(info.rank)
     if rng_path.is_file():
         names.append(rng_path.name)
-    if cfg.checkpoint.verify:
-        verify_manifest(ckpt_dir, names)
+    # the sha256s are checked in a thread while the files load (hashlib lets go of the GIL), and
+    # must pass before the state is used; where a load fails, a corrupt file is the better reason
+    check = BackgroundCheck(ckpt_dir, names, RESUME_FIX) if cfg.checkpoint.verify else None
+    try:
+        try:
+            train_state = _load_files(ckpt_dir, model, optimizer, info, rng_path)
+        except Exception:
+            if check is not None:
+                check.result()
+            raise
+        if check is not None:
+            check.result()
+    finally:
+        if check is not None:
+            check.cancel()  # on an interrupt; a no-op once the check has finished
+    return train_state
+
+
+def _load_files(ckpt_dir: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], info: DistInfo,
+                rng_path: Path) -> dict[str, Any]:
     train_state = json.loads((ckpt_dir / TRAIN_STATE).read_text())
     state = load_shard(ckpt_dir / shard_file(info.mp_rank))  # memory-mapped: copied once, into the model
     missing, unexpected = model.load_state_dict(state, strict=False)

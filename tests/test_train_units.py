@@ -245,6 +245,16 @@ def test_compiled_training_matches_eager(data_dir, tmp_path):
         assert got == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_truncated_shard_is_reported_as_corrupt_not_as_unreadable(data_dir, committed_run, tmp_path):
+    """The files load while their sha256s are checked; when the load fails first, the check's
+    verdict is the error (the loader's own would send the user looking in the wrong place)."""
+    run = _copy(committed_run, tmp_path)
+    weights = latest_checkpoint(run) / shard_file(0)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"consolidated.00.pth does not match its sha256 in manifest.json"):
+        train(tiny_config(data_dir, run, "train.steps=4"))
+
+
 def test_a_flipped_byte_in_the_rng_state_fails_the_sha256_check(data_dir, committed_run, tmp_path):
     """Every file a resume reads is checked, the RNG state too, not only the weights."""
     run = _copy(committed_run, tmp_path)
