@@ -22,13 +22,13 @@ from typing import Optional, Union
 import torch
 import yaml
 
+from llama_dist.checkpoint_files import CONFIG_FILE, TOKENIZER_FILE
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
-from llama_dist.checkpoint_files import TOKENIZER_FILE
 from llama_dist.meta_format import read_params
 from llama_dist.model import ModelArgs
 from llama_dist.files import staged_directory
-from llama_dist.reshard import CONFIG_FILE, DTYPES, parse_dtype
+from llama_dist.reshard import DTYPES, parse_dtype
 from llama_dist.sharded_source import PathLike, iter_merged_tensors
 
 MAX_SHARD_BYTES = 2 << 30  # one safetensors file is held in memory while it is written
