@@ -28,13 +28,14 @@ from llama_dist.checkpoint_files import (
     TOKENIZER_FILE,
     TRAIN_STATE,
     BackgroundCheck,
+    manifest_entries,
     optimizer_file,
     shard_file,
 )
 from llama_dist.config import Config
 from llama_dist.distributed import DistInfo, barrier
 from llama_dist.errors import UserError
-from llama_dist.files import atomic_copy_file, atomic_write_text, fsync_path, sha256_file
+from llama_dist.files import atomic_copy_file, atomic_write_text, fsync_path
 from llama_dist.meta_format import load_shard, read_params, save_shard, shard_paths, write_params
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -153,7 +154,7 @@ def save_checkpoint(
             written.append(target / TOKENIZER_FILE)
 
     # each rank hashes what it wrote; rank 0 writes the manifest, then the marker
-    mine = {p.name: {"sha256": digests.get(p.name) or sha256_file(p), "bytes": p.stat().st_size} for p in written}
+    mine = manifest_entries(written, digests)
     gathered: list[Any] = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()

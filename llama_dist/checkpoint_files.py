@@ -37,6 +37,12 @@ def optimizer_file(mp_rank: int) -> str:
     return f"optimizer.{mp_rank:02d}.pt"
 
 
+def manifest_entries(paths: list[Path], digests: dict[str, str]) -> dict[str, dict]:
+    """The manifest's line for each file: its sha256 (from `digests`, taken while the file was
+    written, or else read back) and its size."""
+    return {p.name: {"sha256": digests.get(p.name) or sha256_file(p), "bytes": p.stat().st_size} for p in paths}
+
+
 def verify_manifest(ckpt_dir: Path, names: list[str], fix: str = RESUME_FIX,
                     stop: Optional[threading.Event] = None) -> None:
     """Each of `names` is listed in manifest.json with the sha256 it has now; `fix` ends the error.

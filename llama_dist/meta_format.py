@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from llama_dist.checkpoint_files import PARAMS_FILE, SHARD_NAME, TOKENIZER_FILE, shard_file  # noqa: F401 - here too
+from llama_dist.checkpoint_files import PARAMS_FILE, SHARD_NAME, TOKENIZER_FILE, shard_file  # noqa: F401 - Meta's names, here too
 from llama_dist.errors import UserError, load_error_reason
 from llama_dist.files import atomic_write_text
 from llama_dist.model import ModelArgs

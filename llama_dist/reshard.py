@@ -32,10 +32,10 @@ import yaml
 
 from llama_dist.checkpoint_files import COMMIT_MARKER as COMMITTED
 from llama_dist.checkpoint_files import (CONFIG_FILE, MANIFEST, OPTIMIZER_FILE, TRAIN_STATE, BackgroundCheck,
-                                         optimizer_file, shard_file)
+                                         manifest_entries, optimizer_file, shard_file)
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError, load_error_reason
-from llama_dist.files import atomic_write_text, fsync_path, sha256_file, staged_directory
+from llama_dist.files import atomic_write_text, fsync_path, staged_directory
 from llama_dist.reshard_cli import DTYPE_NAMES, start_source_check
 from llama_dist.sharded_source import (MappedSources, ModelShards, PathLike, Sharded, check_replicated,
                                        inspect_model, read_sharded)
@@ -220,9 +220,8 @@ def write_manifest_and_commit(ckpt_dir: Path, digests: Optional[dict[str, str]] 
 
     `digests` holds sha256s computed while writing, so that big files are not read again.
     """
-    digests = digests or {}
-    files = {p.name: {"sha256": digests.get(p.name) or sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (MANIFEST, COMMITTED)}
+    paths = [p for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (MANIFEST, COMMITTED)]
+    files = manifest_entries(paths, digests or {})
     atomic_write_text(ckpt_dir / MANIFEST, json.dumps({"files": files}, indent=2) + "\n")
     atomic_write_text(ckpt_dir / COMMITTED, "")
 

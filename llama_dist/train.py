@@ -331,6 +331,12 @@ class Trainer:
             board.close()
 
 
+def clear_markers(run_dir: Path) -> None:
+    """An earlier run's PREEMPTED or DIVERGED must not speak for this one."""
+    for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):
+        (run_dir / marker).unlink(missing_ok=True)
+
+
 def train(cfg: Config) -> int:
     info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device)
     if info.device.type == "cpu":
@@ -340,8 +346,7 @@ def train(cfg: Config) -> int:
         run_dir = Path(cfg.train.run_dir)
         if info.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):
-                (run_dir / marker).unlink(missing_ok=True)
+            clear_markers(run_dir)
         distributed.barrier()
         trainer = Trainer(cfg, info)
         trainer.resume()
@@ -377,8 +382,7 @@ def cli(argv: list[str]) -> int:
     if args.nproc > 1 and not under_torchrun():
         preflight(cfg, world_size=args.nproc)  # one clean error line here, not one per rank
         run_dir = Path(cfg.train.run_dir)
-        for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):  # an earlier run's must not speak for this one
-            (run_dir / marker).unlink(missing_ok=True)
+        clear_markers(run_dir)
         code = relaunch("llama_dist.train", [args.config, *args.overrides], args.nproc)
         # torchrun reports any worker failure as 1; a marker says it was a preemption save or divergence
         if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
