@@ -11,10 +11,16 @@ must add to a copy: the manifest's hashes and the zip's checksums of the new fil
 `llama-dist reshard` 2 -> 1 and 1 -> 2. A reshard also checks SRC against its manifest
 (another sha256 pass; --no-verify leaves it out) and fsyncs its files before it commits
 them; the '+sync' columns wait for the copy's data to reach the disk too.
-On a VM the cost of writing fresh pages drifts several-fold from minute to minute
-(a copy of the same files took 1.8 s and 7 s on the same host), so each writer first
-deletes its output of the round before, and each figure is the median of its ratio
-to the copy of its own round.
+On a VM the cost of writing fresh pages drifts several-fold: where the guest hands
+free memory back to its host (Firecracker's free page reporting, about 2 s after it
+is freed), a page written again must first be faulted back in by the host. On the
+2-core VM this was written on, pwrite into a new file ran at 3.0 GB/s when the
+memory had been freed 0.5 s before and at 0.3 GB/s after 1 to 5 s. So each writer
+first deletes its output of the round before and then waits --settle seconds
+(default 3) before it starts: without that pause the copy, which starts at once,
+writes into its own just-freed pages, while the reshard, which spends 3 s importing
+torch, never can (--settle 0 shows that case). Each figure is the median of its
+ratio to the copy of its own round.
 Peak RSS is each child's own ru_maxrss (os.wait4); this parent never imports torch,
 because a child's ru_maxrss starts from the parent's resident set at fork. Goal of
 issue 5: time <= 2x the copy, peak RSS <= half the checkpoint's size. Deletes
@@ -119,19 +125,19 @@ def child_main(argv: list[str]) -> None:
 Row = tuple[float, float, int, float]  # run_child's figures
 
 
-def timed_round(python: str, src: Path, root: Path, reshard_flags: list[str]) -> dict[str, Row]:
+def timed_round(python: str, src: Path, root: Path, reshard_flags: list[str], settle: float) -> dict[str, Row]:
     """One copy, one sha256 + CRC-32 pass, one reshard 2 -> 1 and one 1 -> 2.
 
-    Each writer first deletes what it wrote in the round before, so that each starts
-    from the same state of the page cache (the first round, with nothing to delete,
-    is a warm-up); on the VM where this was written, the cost of writing pages
-    drifted several-fold whatever the order.
+    Each writer first deletes what it wrote in the round before and waits `settle`
+    seconds, so that each starts from the same state of the page cache and of the
+    VM's free memory (the first round, with nothing to delete, is a warm-up).
     """
     copy, mp1, mp2 = root / "copy", root / "mp1", root / "mp2-again"
     rows = {}
 
     def write(name: str, out: Path, cmd: list[str]) -> None:
         shutil.rmtree(out, ignore_errors=True)
+        time.sleep(settle)
         rows[name] = run_child(cmd + [str(out)])
 
     write("copy (shutil.copytree)", copy,
@@ -157,6 +163,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--no-verify", action="store_true",
                         help="reshard with --no-verify: leave out the sha256 check of SRC against its manifest")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds between deleting a writer's previous output and starting it (see above)")
     opts = parser.parse_args()
 
     free, layers = shutil.disk_usage(opts.dir).free, opts.layers
@@ -178,7 +186,7 @@ def main() -> None:
         floor = run_child([python, "-c", "import llama_dist.reshard"])
         rounds = []
         for index in range(opts.rounds + 1):
-            rounds.append(timed_round(python, src, root, ["--no-verify"] if opts.no_verify else []))
+            rounds.append(timed_round(python, src, root, ["--no-verify"] if opts.no_verify else [], opts.settle))
             print(f"{f'round {index}' if index else 'warm-up'}: " + ", ".join(
                 f"{name.split(' (')[0]} {row[0]:.1f}s" for name, row in rounds[-1].items()), flush=True)
         del rounds[0]
@@ -205,7 +213,8 @@ def main() -> None:
         print(f"('+sync': until os.sync() returns; 'net x': less starting python and importing torch, "
               f"{floor[0]:.1f}s, {floor[3]:.1f} CPU s, {floor[2] / GiB:.2f} GiB peak RSS on its own; "
               f"peak RSS is the highest of the rounds.)")
-        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+              f"each writer started {opts.settle:g}s after its previous output was deleted")
         print(f"goal: reshard <= 2x copy time, peak RSS <= {size / 2 / GiB:.2f} GiB (half the checkpoint)")
         subprocess.run([python, me, "_compare", str(src), str(root / "mp2-again")], check=True)
     finally:

@@ -56,11 +56,12 @@ def test_staging_copies_only_what_it_must_into_buffers_it_reuses():
 
 @pytest.mark.parametrize("variant", ["small blocks, eager page release", "no copy_file_range",
                                      "copy_file_range fails", "sources of an unknown layout",
-                                     "one file at a time"])
+                                     "one file at a time", "pwrite in pieces of 100 bytes"])
 def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, monkeypatch, variant):
     """Blocks of 256 bytes (many CRC-32s combined per record, source pages released after
     every block), kernel copies off or failing, torch.load instead of the zip layout,
-    destination files one after another instead of in threads at once."""
+    destination files one after another instead of in threads at once, every pwrite cut
+    short at 100 bytes."""
     import errno
 
     from llama_dist import reshard as reshard_module
@@ -86,11 +87,14 @@ def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, mon
         monkeypatch.setattr(streamed_save, "_COPY_FILE_RANGE", True)
     elif variant == "one file at a time":
         monkeypatch.setattr(reshard_module, "PARALLEL_FILES", 1)
+    elif variant.startswith("pwrite"):
+        monkeypatch.setattr(streamed_save, "_COPY_FILE_RANGE", False)  # every byte through _pwrite_all
+        monkeypatch.setattr(streamed_save, "WRITE_PIECE", 100)
     else:
         monkeypatch.setattr(sharded_source, "storage_records", lambda path: None)
     located.clear()
     reshard(src, tmp_path / "variant", 2)
-    assert bool(located) == variant.startswith(("small", "copy_file_range", "no copy", "one file"))
+    assert bool(located) == variant.startswith(("small", "copy_file_range", "no copy", "one file", "pwrite"))
     for name in ("consolidated.00.pth", "consolidated.01.pth", "optimizer.00.pt", "optimizer.01.pt"):
         assert (tmp_path / "variant" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
     assert_committed_checkpoint(tmp_path / "variant")
