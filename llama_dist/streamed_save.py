@@ -140,7 +140,7 @@ def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
 # free page reporting) come from memory the host must fault back in: writing 1 GiB into
 # a new file 4 s after freeing as much took 2.4-3.9 s in 2, 4 and 32 MiB writes and
 # 0.3-0.9 s in 64 KiB-1 MiB ones. A 1B reshard 2 -> 1 took 8.5-12.6 s against 11.1-13.9
-# with 32 MiB writes (four runs each, alternated).
+# with 32 MiB writes (four runs each, alternated). bench/bench_write_pieces.py measures it.
 WRITE_PIECE = 1 << 20
 
 
