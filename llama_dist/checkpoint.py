@@ -233,19 +233,18 @@ def load_checkpoint(
         names.append(rng_path.name)
     # the sha256s are checked in a thread while the files load (hashlib lets go of the GIL), and
     # must pass before the state is used; where a load fails, a corrupt file is the better reason
-    check = BackgroundCheck(ckpt_dir, names, RESUME_FIX) if cfg.checkpoint.verify else None
+    if not cfg.checkpoint.verify:
+        return _load_files(ckpt_dir, model, optimizer, info, rng_path)
+    check = BackgroundCheck(ckpt_dir, names, RESUME_FIX)
     try:
-        try:
-            train_state = _load_files(ckpt_dir, model, optimizer, info, rng_path)
-        except Exception:
-            if check is not None:
-                check.result()
-            raise
-        if check is not None:
-            check.result()
+        train_state = _load_files(ckpt_dir, model, optimizer, info, rng_path)
+    except Exception:
+        check.result()  # raises instead, where the check failed too
+        raise
+    else:
+        check.result()
     finally:
-        if check is not None:
-            check.cancel()  # on an interrupt; a no-op once the check has finished
+        check.cancel()  # on an interrupt; a no-op once the check has finished
     return train_state
 
 
