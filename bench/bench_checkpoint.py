@@ -11,11 +11,11 @@ file in the checkpoint directory (1 GB = 1e9 bytes).
 Each round, interleaved so that all see the same host:
   disk write   the same number of bytes of fp32 noise in 16 MiB blocks, then fsync;
   disk read    that file after posix_fadvise(DONTNEED) dropped it from the page cache;
-  save         save_checkpoint as training calls it: it writes each file while hashing
-               its bytes from memory and starting the disk's writeback block by block,
-               then fsyncs it (a commit marker must not outlive the data in a power cut);
-  load         load_checkpoint with the files still in the page cache (what a resume
-               right after a save sees), and after dropping them ("cold").
+  save         save_checkpoint as training calls it: it writes each file front to back
+               (O_DIRECT where the file system takes it) while hashing its bytes, then
+               fsyncs it (a commit marker must not outlive the data in a power cut);
+  load         load_checkpoint with the files in the page cache (read once, untimed:
+               direct writes leave nothing there), and after dropping them ("cold").
 Figures are medians over rounds. Everything written is deleted at the end.
 
 On a VM whose balloon reports free pages to the host (Firecracker here), memory the
@@ -85,13 +85,17 @@ def touch_memory(path: Path, nbytes: int) -> None:
     path.unlink()  # dirty pages of a deleted file are dropped, never written back
 
 
-def disk_read(path: Path) -> float:
-    drop_from_cache(path)
-    start = time.perf_counter()
+def read_through(path: Path) -> None:
     with open(path, "rb", buffering=0) as handle:
         buffer = bytearray(BLOCK)
         while handle.readinto(buffer):
             pass
+
+
+def disk_read(path: Path) -> float:
+    drop_from_cache(path)
+    start = time.perf_counter()
+    read_through(path)
     return time.perf_counter() - start
 
 
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
             for verify in (True, False):
                 cfg.checkpoint.verify = verify
                 tag = "verify" if verify else "no verify"
+                for path in ckpt.iterdir():
+                    read_through(path)  # into the page cache
                 prefault()  # room for the loaded tensors
                 start = time.perf_counter()
                 load_checkpoint(ckpt, model, optimizer, cfg, info)

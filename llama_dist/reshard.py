@@ -2,10 +2,10 @@
 
 Each weight is merged or split on its shard dimension (`meta_format.shard_dim`),
 tensor by tensor. Sources are memory-mapped, and pages already read are released
-from the resident set; each destination file is a torch.save skeleton whose tensor
-bytes are then written in place block by block (a block that is a contiguous run
-of a source file is copied by the kernel), so no destination shard is ever held
-whole; PARALLEL_FILES destination files are written at once. Peak memory stays at a
+from the resident set; each destination file is written front to back from a
+torch.save skeleton and the tensors' bytes, block by block (streamed_save), so no
+destination shard is ever held whole; PARALLEL_FILES destination files are written
+at once. Peak memory stays at a
 few hundred MiB over the interpreter's, whatever the checkpoint's size.
 
 Everything goes into a temporary sibling of DST, renamed into place at the end;
@@ -202,7 +202,7 @@ def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path], dtype_of: Cal
                 for row in rows:
                     sources.done_with(row)
 
-        return dst_paths[rank].name, save_streamed(dst_paths[rank], specs, fill, sources.locate)
+        return dst_paths[rank].name, save_streamed(dst_paths[rank], specs, fill)
 
     try:
         # a file's writes queue on its inode lock: several files at once keep the cores busy

@@ -117,8 +117,7 @@ class MappedSources:
     """The source files of one kind, each memory-mapped once.
 
     A file in torch's zip layout is mapped whole (copy-on-write, never written) and its
-    tensors are views of the mapping, so `locate` can tell the writer where a block's
-    bytes lie and the kernel copies them file to file. Pages read through a mapping
+    tensors are views of the mapping, read without a copy. Pages read through a mapping
     stay in the resident set, so each span handed out is released (MADV_DONTNEED:
     touched again, it is re-read from the page cache) once RELEASE_LAG more bytes have
     been handed out after it. A file of another layout is torch.load-ed (mmap) and kept.
@@ -171,11 +170,6 @@ class MappedSources:
                 start = ptr - address
                 return rank, start, start + extent * tensor.element_size() * (tensor.numel() > 0)
         return None
-
-    def locate(self, block: torch.Tensor) -> Optional[tuple[int, int]]:
-        """(file descriptor, offset) of a contiguous block that is a view of a source mapping."""
-        where = self._where(block) if block.is_contiguous() else None
-        return None if where is None else (self._maps[where[0]][0], where[1])
 
     def done_with(self, tensor: torch.Tensor) -> None:
         """The caller no longer needs `tensor`'s pages resident (a later read still works)."""

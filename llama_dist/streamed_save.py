@@ -2,17 +2,20 @@
 
 torch.save wants every tensor whole at once; a reshard to MP=1 would then hold
 the whole model. Here torch.save writes a skeleton under skip_data (the file gets
-a hole per storage), and the bytes are written into the holes block by block,
-followed by the CRC-32s that torch's zip keeps after each record. Without
-skip_data (torch < 2.5) or with an unknown layout it falls back to torch.save.
+a hole per storage), and the file is written again front to back: the skeleton's
+own bytes, each tensor's bytes block by block, and the CRC-32s that torch's zip
+keeps after each record. Without skip_data (torch < 2.5) or with an unknown layout
+it falls back to torch.save.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import io
 import math
+import mmap
 import os
 import pickle
 import struct
@@ -103,44 +106,22 @@ def storage_records(path: Path) -> Optional[dict[str, StorageRecord]]:
     return records if len(records) == len(refs) > 0 else None
 
 
-# CRC-32 of a concatenation from the CRC-32s of its parts: multiplication of polynomials
-# over GF(2) modulo the CRC's (bit-reflected) generator, as zlib's crc32_combine does it
-_CRC_POLY = 0xEDB88320
-
-
-def _multiply_mod_p(a: int, b: int) -> int:
-    product, bit = 0, 1 << 31
-    while a:
-        if a & bit:
-            product ^= b
-            a ^= bit
-        bit >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-    return product
-
-
-def _x_to_8n_mod_p(nbytes: int) -> int:
-    """x^(8 * nbytes) mod p, by squaring."""
-    result, power = 1 << 31, 1 << 23  # x^0, x^8 (bit-reflected: x^k is bit 31 - k)
-    while nbytes:
-        if nbytes & 1:
-            result = _multiply_mod_p(power, result)
-        nbytes >>= 1
-        power = _multiply_mod_p(power, power)
-    return result
-
-
-def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
-    """crc32(a + b) from crc32(a), crc32(b) and len(b)."""
-    return _multiply_mod_p(_x_to_8n_mod_p(len_b), crc_a) ^ crc_b
-
-
-# The most one pwrite is handed. A larger write lets the kernel fill the page cache with
-# 2 MiB folios, which on a VM that hands free memory back to its host (Firecracker's
-# free page reporting) come from memory the host must fault back in: writing 1 GiB into
-# a new file 4 s after freeing as much took 2.4-3.9 s in 2, 4 and 32 MiB writes and
-# 0.3-0.9 s in 64 KiB-1 MiB ones. A 1B reshard 2 -> 1 took 8.5-12.6 s against 11.1-13.9
-# with 32 MiB writes (four runs each, alternated). bench/bench_write_pieces.py measures it.
+# How the bytes reach the disk. A write through the page cache first gets a fresh page
+# for every 4 KiB, and on a VM that hands free memory back to its host (Firecracker's free
+# page reporting) the host must fault each one back in: 4 GiB written through the cache
+# took 15-18 s and 14-17 CPU s on the 2-core VM this was written on, against 3.0-3.7 s
+# and 0.3 CPU s with O_DIRECT from buffers used over and over. O_DIRECT also leaves the
+# page cache to the data loader. Where the file system refuses it, the same windows go
+# through the cache.
+DIRECT_IO = hasattr(os, "O_DIRECT")
+ALIGN = max(4096, mmap.PAGESIZE)  # O_DIRECT wants the buffer, offset and length on a block boundary
+WINDOW = 8 << 20  # bytes per write
+WINDOWS = 4  # one window being filled while the others are written and hashed
+# The most one write through the page cache is handed. A larger write lets the kernel
+# fill the cache with 2 MiB folios, which on such a VM come from memory the host must
+# fault back in: 1 GiB written into a new file 4 s after freeing as much took 2.4-3.9 s
+# in 2, 4 and 32 MiB writes and 0.3-0.9 s in 64 KiB-1 MiB ones
+# (bench/bench_write_pieces.py measures it).
 WRITE_PIECE = 1 << 20
 
 
@@ -151,67 +132,154 @@ def _pwrite_all(fd: int, data, pos: int) -> None:
         data, pos = data[written:], pos + written
 
 
-def _patch_central_crcs(fd: int, crcs: dict[str, int]) -> None:
-    """Write each record's CRC-32 into its central directory entry (zip64 or not)."""
-    size = os.fstat(fd).st_size
-    end = os.pread(fd, 22, size - 22)
+class _OrderedFile:
+    """A new file written front to back through a ring of page-aligned windows.
+
+    A full window goes to a writer (two threads, so that the disk always has a write
+    queued) and to the file's sha256, which one thread takes in file order; a window is
+    refilled once both are done with it. With O_DIRECT the last window is padded to a
+    whole block and the file cut back to its length when closed.
+    """
+
+    def __init__(self, path: Path, digest) -> None:
+        flags, self.direct = os.O_WRONLY | os.O_CREAT | os.O_TRUNC, DIRECT_IO
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError as err:  # a file system without direct I/O (tmpfs on older kernels, some FUSE)
+            if not self.direct or err.errno != errno.EINVAL:
+                raise
+            self.direct, self.fd = False, os.open(path, flags, 0o644)
+        self._digest = digest
+        self._windows = [mmap.mmap(-1, WINDOW) for _ in range(WINDOWS)]
+        self._jobs: list[list] = [[] for _ in range(WINDOWS)]
+        self._index = self._used = self._handed_on = 0
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="streamed-write")
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamed-hash")
+
+    @property
+    def position(self) -> int:
+        """Bytes appended so far: the file offset of the next one."""
+        return self._handed_on + self._used
+
+    def append(self, data) -> None:
+        data = memoryview(data).cast("B")
+        while data:
+            take = min(len(data), WINDOW - self._used)
+            self._windows[self._index][self._used : self._used + take] = data[:take]
+            self._used, data = self._used + take, data[take:]
+            if self._used == WINDOW:
+                self._hand_on()
+
+    def _hand_on(self) -> None:
+        window, used, pos = self._windows[self._index], self._used, self._handed_on
+        padded = -(-used // ALIGN) * ALIGN  # only the last window can be short
+        window[used:padded] = bytes(padded - used)
+        self._jobs[self._index] = [self._hasher.submit(self._digest.update, memoryview(window)[:used]),
+                                   self._writer.submit(self._write, memoryview(window)[:padded], pos)]
+        self._handed_on += used
+        self._index, self._used = (self._index + 1) % WINDOWS, 0
+        self._wait(self._index)
+
+    def _wait(self, index: int) -> None:
+        for job in self._jobs[index]:
+            job.result()  # re-raises a failed write, e.g. a full disk
+        self._jobs[index] = []
+
+    def _write(self, data: memoryview, pos: int) -> None:
+        if self.direct:
+            try:
+                while data:
+                    written = os.pwrite(self.fd, data, pos)
+                    data, pos = data[written:], pos + written
+                return
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                # opened, but refused at the first write (a block larger than ALIGN): the cache then
+                import fcntl  # Unix only, as O_DIRECT is
+
+                self.direct = False
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        _pwrite_all(self.fd, data, pos)
+        start_writeback(self.fd, pos, len(data))
+
+    def close(self) -> None:
+        """The last window, then the file cut to its length and flushed to the disk."""
+        if self._used:
+            self._hand_on()
+        for index in range(WINDOWS):
+            self._wait(index)
+        os.ftruncate(self.fd, self._handed_on)
+        os.fsync(self.fd)
+
+    def release(self) -> None:
+        """After close or a failure: no write may land once the descriptor is closed."""
+        for pool in (self._writer, self._hasher):
+            pool.shutdown(wait=True, cancel_futures=True)
+        os.close(self.fd)
+
+
+def _patch_central_crcs(tail: bytearray, base: int, crcs: dict[str, int]) -> None:
+    """Write each record's CRC-32 into its central directory entry (zip64 or not).
+
+    `tail` is the end of the file, from offset `base`: the central directory and the
+    end records, which torch's zip writer puts after the last record.
+    """
+    def read(offset: int, nbytes: int) -> bytes:
+        return bytes(tail[offset - base : offset - base + nbytes])
+
+    size = base + len(tail)
+    end = read(size - 22, 22)
     if end[:4] != b"PK\x05\x06":
         raise RuntimeError("unexpected zip layout: no end of central directory record")
     entries, pos = struct.unpack("<H", end[10:12])[0], struct.unpack("<I", end[16:20])[0]
-    locator = os.pread(fd, 20, size - 42)
+    locator = read(size - 42, 20)
     if locator[:4] == b"PK\x06\x07":
-        record = os.pread(fd, 56, struct.unpack("<Q", locator[8:16])[0])
+        record = read(struct.unpack("<Q", locator[8:16])[0], 56)
         entries, pos = struct.unpack("<QQ", record[32:40] + record[48:56])
+    if pos < base:
+        raise RuntimeError("unexpected zip layout: the central directory is not after the last record")
     for _ in range(entries):
-        head = os.pread(fd, 46, pos)
+        head = read(pos, 46)
         if head[:4] != b"PK\x01\x02":
             raise RuntimeError("unexpected zip layout in the central directory")
         name_len, extra_len, comment_len = struct.unpack("<HHH", head[28:34])
-        name = os.pread(fd, name_len, pos + 46).decode()
+        name = read(pos + 46, name_len).decode()
         if name in crcs:
-            _pwrite_all(fd, struct.pack("<I", crcs[name]), pos + 16)
+            tail[pos + 16 - base : pos + 20 - base] = struct.pack("<I", crcs[name])
         pos += 46 + name_len + extra_len + comment_len
 
 
-def _copy_range(src_fd: int, src_pos: int, dst_fd: int, dst_pos: int, data: memoryview) -> None:
-    """`data` (bytes of src_fd at src_pos) into dst_fd at dst_pos: in the kernel where it can, else pwrite."""
-    done = 0
-    if _COPY_FILE_RANGE:
-        try:
-            while done < len(data):
-                copied = os.copy_file_range(src_fd, dst_fd, len(data) - done, src_pos + done, dst_pos + done)
-                if copied == 0:
-                    break
-                done += copied
-        except OSError:  # another file system, an old kernel: the bytes are in memory anyway
-            pass
-    _pwrite_all(dst_fd, data[done:], dst_pos + done)
+def _skeleton_parts(path: Path, holes: list[StorageRecord]) -> list[bytearray]:
+    """The skeleton's bytes around its holes (in file order): before the first, between
+    each two, after the last."""
+    with open(path, "rb") as f:
+        bounds = [0, *(end for hole in holes for end in (hole.start, hole.start + hole.nbytes)),
+                  os.fstat(f.fileno()).st_size]
+        parts = []
+        for start, end in zip(bounds[::2], bounds[1::2]):
+            if end < start:
+                raise RuntimeError(f"overlapping records in the torch.save skeleton of {path.name}")
+            f.seek(start)
+            parts.append(bytearray(f.read(end - start)))
+    return parts
 
-
-# Blocks between the one being stitched and the ones being written and hashed: a bound on
-# the memory held (each at most a reshard's CHUNK_BYTES) that still keeps both cores busy.
-IN_FLIGHT = 4
-_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 
 # What fill(key) yields: a tensor, or parts to be joined on their last dimension
 Block = Union[torch.Tensor, list[torch.Tensor]]
 
 
 class _Staging:
-    """Buffers, used in turn, for blocks that must be assembled (joined, made contiguous or cast).
-
-    A new buffer per block would be faulted in page by page every time, which on a VM
-    costs several times the copy itself. The ring has IN_FLIGHT + 1 buffers: a buffer
-    comes round again only after IN_FLIGHT more blocks have been submitted, and by
-    then the block it held has been written, CRC-ed and hashed.
-    """
+    """One buffer, used again and again, for blocks that must be assembled (joined, made
+    contiguous or cast): a new buffer per block would be faulted in page by page every
+    time, which on a VM costs several times the copy itself. A block is copied into the
+    file's window before the next one is assembled."""
 
     def __init__(self) -> None:
-        self._buffers: list[Optional[torch.Tensor]] = [None] * (IN_FLIGHT + 1)
-        self._next = 0
+        self._buffer: Optional[torch.Tensor] = None
 
     def assemble(self, block: Block, dtype: torch.dtype) -> torch.Tensor:
-        """`block` as one contiguous tensor of `dtype`, copied into a buffer only if it must be."""
+        """`block` as one contiguous tensor of `dtype`, copied into the buffer only if it must be."""
         if isinstance(block, torch.Tensor):
             if block.dtype == dtype and block.is_contiguous():
                 return block
@@ -219,11 +287,9 @@ class _Staging:
         else:
             shape = (*block[0].shape[:-1], sum(part.shape[-1] for part in block))
         nbytes = math.prod(shape) * dtype.itemsize
-        index, self._next = self._next, (self._next + 1) % len(self._buffers)
-        buffer = self._buffers[index]
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = self._buffers[index] = torch.empty(nbytes, dtype=torch.uint8)
-        staged = buffer[:nbytes].view(dtype).view(shape)
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        staged = self._buffer[:nbytes].view(dtype).view(shape)
         if isinstance(block, torch.Tensor):
             staged.copy_(block)
         else:
@@ -236,22 +302,17 @@ def _joined(block: Block) -> torch.Tensor:
 
 
 def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                  fill: Callable[[str], Iterator[Block]],
-                  locate: Optional[Callable[[torch.Tensor], Optional[tuple[int, int]]]] = None) -> str:
+                  fill: Callable[[str], Iterator[Block]]) -> str:
     """A torch.load-able file of `specs` whose bytes come from fill(key) block by block; its sha256.
 
     torch.save wants every tensor in memory at once. Instead: save placeholders under
     skip_data (torch.empty reserves address space that stays untouched, so not
-    resident; the file gets a hole per storage), write the bytes into the holes, then
-    the CRC-32s, which torch's zip keeps after the data. A block may be a list of
-    parts joined on their last dimension (rows stitched from shards). `locate(block)` may say
-    that a block is the bytes of an open file at an offset (a memory-mapped source):
-    those are copied by the kernel. A block's write, its CRC-32 (combined per record
-    with crc32_combine) and its share of the file's sha256 run in threads of their
-    own, so the three passes over the bytes share the cores; the disk's writeback of each
-    block starts once it is written, so the closing fsync has little left to wait for
-    (a 1.32 GB training checkpoint saved at 0.91-0.93 GB/s instead of 0.65, with the
-    disk's own write + fsync at 1.25-1.32).
+    resident; the file gets a hole per storage), keep the bytes around the holes, and
+    write the file again front to back: those bytes, each record's blocks, and the
+    CRC-32s that torch's zip keeps after each record and in its central directory. A
+    block may be a list of parts joined on their last dimension (rows stitched from
+    shards). The writes (O_DIRECT where the file system takes it) and the sha256 run in
+    threads of their own while the next blocks are assembled.
     """
     tmp, holes = Path(f"{path}.tmp"), None
     if _STREAMING_SAVE:
@@ -268,76 +329,29 @@ def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtyp
         fsync_path(tmp)
         os.replace(tmp, path)
         return sha256_file(path)
-    digest, crcs, in_flight, staging = hashlib.sha256(), {}, collections.deque(), _Staging()
-    fd = os.open(tmp, os.O_RDWR)
-    # writes to one file serialise on its inode lock: one writer thread; CRC-32s in parallel
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamed-write")
-    crc_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="streamed-crc")
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamed-hash")
-
-    def write(data: memoryview, pos: int, source: Optional[tuple[int, int]]) -> None:
-        if source is None:
-            _pwrite_all(fd, data, pos)
-        else:
-            _copy_range(source[0], source[1], fd, pos, data)
-        start_writeback(fd, pos, len(data))
-
-    def close_record(hole: StorageRecord, parts: list) -> None:
-        """The record's CRC-32 from its blocks', into its data descriptor (before that is hashed)."""
-        crc = 0
-        for part, nbytes in parts:
-            crc = crc32_combine(crc, part.result(), nbytes)
-        _pwrite_all(fd, struct.pack("<I", crc), hole.crc_at)
-        crcs[hole.record] = crc
-
-    def hash_file(start: int, end: int) -> None:
-        while start < end:
-            block = os.pread(fd, min(end - start, 16 << 20), start)
-            if not block:
-                raise RuntimeError(f"{path.name} is shorter than its zip directory says")
-            digest.update(block)
-            start += len(block)
-
-    def hash_gap(previous: Optional[tuple[StorageRecord, list]], start: int, end: int) -> None:
-        if previous is not None:
-            close_record(*previous)
-        hash_file(start, end)
-
-    def submit(*jobs) -> None:
-        in_flight.append(jobs)
-        while len(in_flight) > IN_FLIGHT:
-            for job in in_flight.popleft():
-                job.result()  # re-raises a failed write, e.g. a full disk
-
+    ordered = sorted(holes.items(), key=lambda item: item[1].start)
+    parts = _skeleton_parts(tmp, [hole for _, hole in ordered])
+    digest, crcs, staging = hashlib.sha256(), {}, _Staging()
+    out = _OrderedFile(tmp, digest)  # truncates the skeleton, whose bytes are in `parts` now
     try:
-        previous, hashed = None, 0
-        for key, hole in sorted(holes.items(), key=lambda item: item[1].start):
-            submit(hasher.submit(hash_gap, previous, hashed, hole.start))
-            pos, parts = hole.start, []
+        for (key, hole), before, after in zip(ordered, parts, parts[1:]):
+            out.append(before)
+            crc, end = 0, hole.start + hole.nbytes
             for block in fill(key):
-                block = staging.assemble(block, specs[key][1])
-                source = locate(block) if locate is not None else None
-                data = memoryview(block.reshape(-1).view(torch.uint8).numpy())
-                if pos + len(data) > hole.start + hole.nbytes:
+                data = memoryview(staging.assemble(block, specs[key][1]).reshape(-1).view(torch.uint8).numpy())
+                if out.position + len(data) > end:
                     raise RuntimeError(f"'{key}' overflows its {hole.nbytes} bytes in {path.name}")
-                parts.append((crc_pool.submit(crc32, data), len(data)))
-                submit(parts[-1][0], writer.submit(write, data, pos, source), hasher.submit(digest.update, data))
-                pos += len(data)
-            if pos != hole.start + hole.nbytes:
-                raise RuntimeError(f"'{key}' filled {pos - hole.start} of its {hole.nbytes} bytes in {path.name}")
-            previous, hashed = (hole, parts), pos
-        # the last descriptors and the central directory, once its CRC-32s are patched
-        hasher.submit(close_record, *previous).result()
-        while in_flight:
-            for job in in_flight.popleft():
-                job.result()
-        _patch_central_crcs(fd, crcs)
-        hash_file(hashed, os.fstat(fd).st_size)
-        os.fsync(fd)
+                crc = crc32(data, crc)
+                out.append(data)
+            if out.position != end:
+                raise RuntimeError(f"'{key}' filled {out.position - hole.start} of its {hole.nbytes} bytes "
+                                   f"in {path.name}")
+            after[hole.crc_at - end : hole.crc_at - end + 4] = struct.pack("<I", crc)  # its data descriptor
+            crcs[hole.record] = crc
+        _patch_central_crcs(parts[-1], out.position, crcs)
+        out.append(parts[-1])
+        out.close()
     finally:
-        # no write may land after the fd is closed
-        for pool in (writer, crc_pool, hasher):
-            pool.shutdown(wait=True, cancel_futures=True)
-        os.close(fd)
+        out.release()
     os.replace(tmp, path)
     return digest.hexdigest()

@@ -141,11 +141,11 @@ def test_a_failed_source_check_stops_the_writing_at_the_next_tensor(tmp_path, mo
         check.result()  # finished, and failed, before the reshard starts
     filled, save_streamed = [], reshard_module.save_streamed
 
-    def counting(path, specs, fill, locate=None):
+    def counting(path, specs, fill):
         def counted(key):
             filled.append(key)
             yield from fill(key)
-        return save_streamed(path, specs, counted, locate)
+        return save_streamed(path, specs, counted)
 
     monkeypatch.setattr(reshard_module, "save_streamed", counting)
     with pytest.raises(UserError, match="consolidated.01.pth does not match its sha256"):

@@ -1,5 +1,5 @@
-"""Reshard's write paths: the torch.save fallback, the CRC-32s, the staging ring, kernel
-copies on and off, and how much memory a whole reshard holds."""
+"""Reshard's write paths: the torch.save fallback, the CRC-32s, the staging buffer, O_DIRECT
+and the page cache, and how much memory a whole reshard holds."""
 
 import dataclasses
 import subprocess
@@ -25,97 +25,165 @@ def test_plain_torch_save_fallback_writes_the_same_tensors(tmp_path, training_ck
     assert_committed_checkpoint(tmp_path / "plain")
 
 
-def test_writeback_is_started_for_every_block_as_it_is_written(tmp_path, monkeypatch):
-    """So that the disk works while the rest is hashed and written, not only at the fsync."""
+def _direct_io_works(directory: Path) -> bool:
+    import errno
+    import os
+
+    from llama_dist import streamed_save
+
+    if not streamed_save.DIRECT_IO:
+        return False
+    try:
+        os.close(os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+    except OSError as err:
+        assert err.errno == errno.EINVAL
+        return False
+    return True
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page cache"])
+def test_the_file_goes_to_the_disk_in_whole_windows(tmp_path, monkeypatch, direct):
+    """Direct writes whole aligned windows (the last padded, then cut back); writes through
+    the cache go in pieces of at most WRITE_PIECE, and the disk's writeback of each window
+    starts once it is written, so that the closing fsync has little left."""
+    import fcntl
     import os
 
     from llama_dist import files, streamed_save
 
-    tensors = {"w": torch.randn(300, 200), "norm": torch.randn(7), "step": torch.tensor(3.0)}
-    started = []
+    if direct and not _direct_io_works(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    monkeypatch.setattr(streamed_save, "DIRECT_IO", direct)
+    monkeypatch.setattr(streamed_save, "WINDOW", 4 * streamed_save.ALIGN)
+    monkeypatch.setattr(streamed_save, "WRITE_PIECE", 1000)
+    writes, started, real_pwrite = [], [], os.pwrite
+
+    def pwrite(fd, data, pos):
+        writes.append((bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT), pos, len(data)))
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(streamed_save.os, "pwrite", pwrite)
     monkeypatch.setattr(streamed_save, "start_writeback", lambda fd, pos, nbytes: started.append((pos, nbytes)))
+    tensors = {"w": torch.randn(300, 200), "norm": torch.randn(7), "step": torch.tensor(3.0)}
     path = tmp_path / "shard.pth"
-    streamed_save.save_streamed(path, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
-                                lambda key: iter([tensors[key]]))
-    holes = streamed_save.storage_records(path)
-    assert sorted(started) == sorted((hole.start, hole.nbytes) for hole in holes.values())
+    digest = streamed_save.save_streamed(path, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
+                                         lambda key: iter([tensors[key]]))
+    size = path.stat().st_size
     assert_same(load(path), tensors)
+    assert digest == files.sha256_file(path)
+    covered = sorted((pos, pos + nbytes) for _, pos, nbytes in writes)
+    assert covered[0][0] == 0 and all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+    assert covered[-1][1] == -(-size // streamed_save.ALIGN) * streamed_save.ALIGN  # padded, then cut back
+    assert all(is_direct == direct for is_direct, _, _ in writes)
+    if direct:
+        assert all(pos % streamed_save.ALIGN == 0 and nbytes % streamed_save.ALIGN == 0 for _, pos, nbytes in writes)
+        assert not started
+    else:
+        assert max(nbytes for _, _, nbytes in writes) == 1000
+        assert sorted(started) == [(pos, min(streamed_save.WINDOW, covered[-1][1] - pos))
+                                   for pos in range(0, covered[-1][1], streamed_save.WINDOW)]
     # best effort: a call the kernel refuses (here a closed descriptor) is no error
     fd = os.open(path, os.O_RDONLY)
     os.close(fd)
     files.start_writeback(fd, 0, 4096)
 
 
-def test_crc32_and_crc32_combine_match_zlib_on_the_joined_bytes():
+def test_crc32_with_a_running_value_matches_zlib_on_the_joined_bytes():
     import os
     import random
     import zlib
 
-    from llama_dist.streamed_save import crc32, crc32_combine
+    from llama_dist.streamed_save import crc32
 
     rng = random.Random(0)
     for len_b in (0, 1, 7, 64, 4096, 100_003):
         a, b = os.urandom(rng.randrange(0, 3000)), os.urandom(len_b)
         assert crc32(memoryview(b)) == zlib.crc32(b), len_b  # zlib-ng's, where installed
-        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b), len_b
+        assert crc32(memoryview(b), crc32(memoryview(a))) == zlib.crc32(a + b), len_b
 
 
-def test_staging_copies_only_what_it_must_into_buffers_it_reuses():
-    from llama_dist.streamed_save import IN_FLIGHT, _Staging
+def test_staging_copies_only_what_it_must_into_one_buffer_it_reuses():
+    from llama_dist.streamed_save import _Staging
 
     staging, whole = _Staging(), torch.arange(24.0).view(4, 6)
     assert staging.assemble(whole, torch.float32) is whole  # contiguous, right dtype: no copy
     left, right = whole[:, :2], whole[:, 2:]
     joined = staging.assemble([left, right], torch.float32)
     assert torch.equal(joined, whole) and joined.data_ptr() != whole.data_ptr()
-    assert torch.equal(staging.assemble(right, torch.float32), right)  # a strided view, made contiguous
+    first = joined.data_ptr()
+    made_contiguous = staging.assemble(right, torch.float32)  # a strided view, made contiguous
+    assert torch.equal(made_contiguous, right) and made_contiguous.data_ptr() == first
     cast = staging.assemble([left, right], torch.bfloat16)
-    assert cast.dtype == torch.bfloat16 and torch.equal(cast, whole.to(torch.bfloat16))
-    pointers = [staging.assemble(right, torch.float32).data_ptr() for _ in range(2 * (IN_FLIGHT + 1))]
-    assert len(set(pointers)) == IN_FLIGHT + 1 and pointers[: IN_FLIGHT + 1] == pointers[IN_FLIGHT + 1:]
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast, whole.to(torch.bfloat16)) and cast.data_ptr() == first
+    bigger = torch.arange(48.0).view(8, 6)
+    assert torch.equal(staging.assemble([bigger[:, :3], bigger[:, 3:]], torch.float32), bigger)
 
 
-@pytest.mark.parametrize("variant", ["small blocks, eager page release", "no copy_file_range",
-                                     "copy_file_range fails", "sources of an unknown layout",
-                                     "one file at a time", "pwrite in pieces of 100 bytes"])
-def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, monkeypatch, variant):
-    """Blocks of 256 bytes (many CRC-32s combined per record, source pages released after
-    every block), kernel copies off or failing, torch.load instead of the zip layout,
-    destination files one after another instead of in threads at once, every pwrite cut
-    short at 100 bytes."""
+def _refuse_direct_io(monkeypatch, where: str) -> list:
+    """os.open (at open) or os.pwrite (at the first write) fail with EINVAL on an O_DIRECT file."""
     import errno
+    import fcntl
+    import os
 
+    from llama_dist import streamed_save
+
+    refused, real_open, real_pwrite = [], os.open, os.pwrite
+
+    def opening(path, flags, *rest):
+        if flags & os.O_DIRECT:
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *rest)
+
+    def writing(fd, data, pos):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, pos)
+
+    if where == "open":
+        monkeypatch.setattr(streamed_save.os, "open", opening)
+    else:
+        monkeypatch.setattr(streamed_save.os, "pwrite", writing)
+    return refused
+
+
+@pytest.mark.parametrize("variant", ["small blocks, eager page release", "through the page cache",
+                                     "O_DIRECT refused at open", "O_DIRECT refused at the first write",
+                                     "sources of an unknown layout", "one file at a time",
+                                     "windows of one block, writes of 100 bytes"])
+def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, monkeypatch, variant):
+    """Blocks of 256 bytes (source pages released after every block), writes through the
+    page cache instead of O_DIRECT (chosen, or forced by a file system that refuses it
+    when the file is opened or when it is first written), torch.load instead of the zip
+    layout, destination files one after another instead of in threads at once, and a
+    ring of two one-block windows written in pieces of 100 bytes."""
     from llama_dist import reshard as reshard_module
     from llama_dist import sharded_source, streamed_save
 
     src, _, _ = training_ckpt
-    located = []
-    real_copy = streamed_save._copy_range
-    monkeypatch.setattr(streamed_save, "_copy_range", lambda *a: located.append(1) or real_copy(*a))
     reshard(src, tmp_path / "reference", 2)
-    assert located, "contiguous pieces of a mapped source should be located in their file"
-
+    refused = []
     if variant.startswith("small"):
         monkeypatch.setattr(reshard_module, "CHUNK_BYTES", 256)
         monkeypatch.setattr(sharded_source, "RELEASE_LAG", 0)
-        monkeypatch.setattr(streamed_save, "IN_FLIGHT", 1)  # staging buffers come round every other block
-    elif variant == "no copy_file_range":
-        monkeypatch.setattr(streamed_save, "_COPY_FILE_RANGE", False)
-    elif variant == "copy_file_range fails":
-        def cross_device(*_):
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        monkeypatch.setattr(streamed_save.os, "copy_file_range", cross_device, raising=False)
-        monkeypatch.setattr(streamed_save, "_COPY_FILE_RANGE", True)
+    elif variant == "through the page cache":
+        monkeypatch.setattr(streamed_save, "DIRECT_IO", False)
+    elif variant.startswith("O_DIRECT refused"):
+        monkeypatch.setattr(streamed_save, "DIRECT_IO", True)
+        refused = _refuse_direct_io(monkeypatch, "open" if variant.endswith("open") else "write")
     elif variant == "one file at a time":
         monkeypatch.setattr(reshard_module, "PARALLEL_FILES", 1)
-    elif variant.startswith("pwrite"):
-        monkeypatch.setattr(streamed_save, "_COPY_FILE_RANGE", False)  # every byte through _pwrite_all
+    elif variant.startswith("windows"):
+        monkeypatch.setattr(streamed_save, "DIRECT_IO", False)
+        monkeypatch.setattr(streamed_save, "WINDOW", streamed_save.ALIGN)
+        monkeypatch.setattr(streamed_save, "WINDOWS", 2)
         monkeypatch.setattr(streamed_save, "WRITE_PIECE", 100)
     else:
         monkeypatch.setattr(sharded_source, "storage_records", lambda path: None)
-    located.clear()
     reshard(src, tmp_path / "variant", 2)
-    assert bool(located) == variant.startswith(("small", "copy_file_range", "no copy", "one file", "pwrite"))
+    if variant.startswith("O_DIRECT refused"):
+        assert refused, "the refusal should have been met and survived"
     for name in ("consolidated.00.pth", "consolidated.01.pth", "optimizer.00.pt", "optimizer.01.pt"):
         assert (tmp_path / "variant" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
     assert_committed_checkpoint(tmp_path / "variant")
@@ -149,13 +217,13 @@ def test_pages_read_from_a_source_leave_the_resident_set(tmp_path, monkeypatch):
 PEAK_PROBE = """
 import re, sys
 from pathlib import Path
-from llama_dist import reshard, sharded_source
+from llama_dist import reshard, sharded_source, streamed_save
 
 def status_kib(field):
     return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
-# the bounds a 4 GB checkpoint meets at 32 MiB and 256 MiB, scaled down to this one
-reshard.CHUNK_BYTES, sharded_source.RELEASE_LAG = 1 << 20, 8 << 20
+# the bounds a 4 GB checkpoint meets at 32 MiB, 256 MiB and 8 MiB, scaled down to this one
+reshard.CHUNK_BYTES, sharded_source.RELEASE_LAG, streamed_save.WINDOW = 1 << 20, 8 << 20, 256 << 10
 try:
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
 except OSError:  # a kernel or sandbox that refuses it
