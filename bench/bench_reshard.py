@@ -10,17 +10,20 @@ of its files (shutil.copytree), one sha256 and one CRC-32 pass over them (what a
 must add to a copy: the manifest's hashes and the zip's checksums of the new files),
 `llama-dist reshard` 2 -> 1 and 1 -> 2. A reshard also checks SRC against its manifest
 (another sha256 pass; --no-verify leaves it out) and fsyncs its files before it commits
-them; the '+sync' columns wait for the copy's data to reach the disk too.
+them; the '+sync' columns wait for the copy's data to reach the disk too. Each step's
+source is first dropped from the page cache (--sources cold, the default: a checkpoint
+written long ago, and what the reshard's own O_DIRECT output is) or read into it
+(--sources cached), so that all steps read alike.
 On a VM the cost of writing fresh pages drifts several-fold: where the guest hands
 free memory back to its host (Firecracker's free page reporting, about 2 s after it
 is freed), a page written again must first be faulted back in by the host. On the
 2-core VM this was written on, pwrite into a new file ran at 3.0 GB/s when the
-memory had been freed 0.5 s before and at 0.3 GB/s after 1 to 5 s. So each writer
-first deletes its output of the round before and then waits --settle seconds
-(default 3) before it starts: without that pause the copy, which starts at once,
-writes into its own just-freed pages, while the reshard, which spends 3 s importing
-torch, never can (--settle 0 shows that case). Each figure is the median of its
-ratio to the copy of its own round.
+memory had been freed 0.5 s before and at 0.3 GB/s after 1 to 5 s. The reshard
+writes with O_DIRECT and does not meet this; the copy writes through the page cache
+and does. So each writer first deletes its output of the round before and then waits
+--settle seconds (default 3) before it starts: without that pause the copy, which
+starts at once, writes into its own just-freed pages (--settle 0 shows that case).
+Each figure is the median of its ratio to the copy of its own round.
 Peak RSS is each child's own ru_maxrss (os.wait4); this parent never imports torch,
 because a child's ru_maxrss starts from the parent's resident set at fork. Goal of
 issue 5: time <= 2x the copy, peak RSS <= half the checkpoint's size. Deletes
@@ -125,28 +128,44 @@ def child_main(argv: list[str]) -> None:
 Row = tuple[float, float, int, float]  # run_child's figures
 
 
-def timed_round(python: str, src: Path, root: Path, reshard_flags: list[str], settle: float) -> dict[str, Row]:
+def set_cache(directory: Path, cached: bool) -> None:
+    """Read every file of `directory` into the page cache, or drop it from there (Linux)."""
+    for path in sorted(directory.iterdir()):
+        with open(path, "rb", buffering=0) as handle:
+            if cached:
+                buffer = bytearray(16 << 20)
+                while handle.readinto(buffer):
+                    pass
+            elif hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def timed_round(python: str, src: Path, root: Path, reshard_flags: list[str], settle: float,
+                cached: bool) -> dict[str, Row]:
     """One copy, one sha256 + CRC-32 pass, one reshard 2 -> 1 and one 1 -> 2.
 
-    Each writer first deletes what it wrote in the round before and waits `settle`
-    seconds, so that each starts from the same state of the page cache and of the
+    Each step's source is first read into the page cache or dropped from it (`cached`),
+    so that all of them read alike; a writer then deletes what it wrote in the round
+    before and waits `settle` seconds, so that each starts from the same state of the
     VM's free memory (the first round, with nothing to delete, is a warm-up).
     """
     copy, mp1, mp2 = root / "copy", root / "mp1", root / "mp2-again"
     rows = {}
 
-    def write(name: str, out: Path, cmd: list[str]) -> None:
+    def write(name: str, source: Path, out: Path, cmd: list[str]) -> None:
+        set_cache(source, cached)
         shutil.rmtree(out, ignore_errors=True)
         time.sleep(settle)
-        rows[name] = run_child(cmd + [str(out)])
+        rows[name] = run_child(cmd + [str(source), str(out)])
 
-    write("copy (shutil.copytree)", copy,
-          [python, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])", str(src)])
+    write("copy (shutil.copytree)", src, copy,
+          [python, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])"])
     # what a verified copy adds: the sha256 (manifest) and CRC-32 (zip) of every byte, one pass each
+    set_cache(src, cached)
     rows["sha256 + CRC-32 of it"] = run_child([python, "-c", HASH_FILES, str(src)])
     cli = [python, "-m", "llama_dist.cli", "reshard", *reshard_flags, "--mp"]
-    write("reshard 2 -> 1", mp1, cli + ["1", str(src)])
-    write("reshard 1 -> 2", mp2, cli + ["2", str(mp1)])
+    write("reshard 2 -> 1", src, mp1, cli + ["1"])
+    write("reshard 1 -> 2", mp1, mp2, cli + ["2"])
     return rows
 
 
@@ -165,7 +184,12 @@ def main() -> None:
                         help="reshard with --no-verify: leave out the sha256 check of SRC against its manifest")
     parser.add_argument("--settle", type=float, default=3.0,
                         help="seconds between deleting a writer's previous output and starting it (see above)")
+    parser.add_argument("--sources", choices=["cold", "cached"], default="cold",
+                        help="each step reads its source from the disk (dropped from the page cache first, "
+                             "as a checkpoint written long ago) or from the page cache (read through first)")
     opts = parser.parse_args()
+    if opts.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     free, layers = shutil.disk_usage(opts.dir).free, opts.layers
     # the mp=2 source, its copy, the mp=1 and mp=2 results, plus slack
@@ -186,7 +210,8 @@ def main() -> None:
         floor = run_child([python, "-c", "import llama_dist.reshard"])
         rounds = []
         for index in range(opts.rounds + 1):
-            rounds.append(timed_round(python, src, root, ["--no-verify"] if opts.no_verify else [], opts.settle))
+            rounds.append(timed_round(python, src, root, ["--no-verify"] if opts.no_verify else [], opts.settle,
+                                      opts.sources == "cached"))
             print(f"{f'round {index}' if index else 'warm-up'}: " + ", ".join(
                 f"{name.split(' (')[0]} {row[0]:.1f}s" for name, row in rounds[-1].items()), flush=True)
         del rounds[0]
@@ -214,7 +239,8 @@ def main() -> None:
               f"{floor[0]:.1f}s, {floor[3]:.1f} CPU s, {floor[2] / GiB:.2f} GiB peak RSS on its own; "
               f"peak RSS is the highest of the rounds.)")
         print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-              f"each writer started {opts.settle:g}s after its previous output was deleted")
+              f"each writer started {opts.settle:g}s after its previous output was deleted; sources "
+              f"{'read from the page cache' if opts.sources == 'cached' else 'read from the disk (cold)'}")
         print(f"goal: reshard <= 2x copy time, peak RSS <= {size / 2 / GiB:.2f} GiB (half the checkpoint)")
         subprocess.run([python, me, "_compare", str(src), str(root / "mp2-again")], check=True)
     finally:
