@@ -226,6 +226,8 @@ def _patch_central_crcs(tail: bytearray, base: int, crcs: dict[str, int]) -> Non
     end records, which torch's zip writer puts after the last record.
     """
     def read(offset: int, nbytes: int) -> bytes:
+        if not base <= offset <= offset + nbytes <= base + len(tail):
+            raise RuntimeError("unexpected zip layout: the central directory is not after the last record")
         return bytes(tail[offset - base : offset - base + nbytes])
 
     size = base + len(tail)
@@ -237,8 +239,6 @@ def _patch_central_crcs(tail: bytearray, base: int, crcs: dict[str, int]) -> Non
     if locator[:4] == b"PK\x06\x07":
         record = read(struct.unpack("<Q", locator[8:16])[0], 56)
         entries, pos = struct.unpack("<QQ", record[32:40] + record[48:56])
-    if pos < base:
-        raise RuntimeError("unexpected zip layout: the central directory is not after the last record")
     for _ in range(entries):
         head = read(pos, 46)
         if head[:4] != b"PK\x01\x02":
