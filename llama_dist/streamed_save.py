@@ -114,6 +114,7 @@ def storage_records(path: Path) -> Optional[dict[str, StorageRecord]]:
 # page cache to the data loader. Where the file system refuses it, the same windows go
 # through the cache.
 DIRECT_IO = hasattr(os, "O_DIRECT")
+_NO_DIRECT_IO = (errno.EINVAL, errno.EOPNOTSUPP)  # what a file system without it answers
 ALIGN = max(4096, mmap.PAGESIZE)  # O_DIRECT wants the buffer, offset and length on a block boundary
 WINDOW = 8 << 20  # bytes per write
 WINDOWS = 4  # one window being filled while the others are written and hashed
@@ -146,7 +147,7 @@ class _OrderedFile:
         try:
             self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
         except OSError as err:  # a file system without direct I/O (tmpfs on older kernels, some FUSE)
-            if not self.direct or err.errno != errno.EINVAL:
+            if not self.direct or err.errno not in _NO_DIRECT_IO:
                 raise
             self.direct, self.fd = False, os.open(path, flags, 0o644)
         self._digest = digest
@@ -193,7 +194,7 @@ class _OrderedFile:
                     data, pos = data[written:], pos + written
                 return
             except OSError as err:
-                if err.errno != errno.EINVAL:
+                if err.errno not in _NO_DIRECT_IO:
                     raise
                 # opened, but refused at the first write (a block larger than ALIGN): the cache then
                 import fcntl  # Unix only, as O_DIRECT is
