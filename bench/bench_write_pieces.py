@@ -1,4 +1,5 @@
-"""pwrite GB/s into a new file by the size of each write, after a pause: why streamed_save writes in 1 MiB pieces.
+"""pwrite GB/s into a new file by the size of each write, after a pause: why streamed_save's page-cache
+fallback (for file systems that refuse O_DIRECT) writes in 1 MiB pieces.
 
     python bench/bench_write_pieces.py                    # 1 GiB per write, 4 s pause, in the temp dir
     python bench/bench_write_pieces.py --dir /scratch --pause 0

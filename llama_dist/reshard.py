@@ -5,8 +5,8 @@ tensor by tensor. Sources are memory-mapped, and pages already read are released
 from the resident set; each destination file is written front to back from a
 torch.save skeleton and the tensors' bytes, block by block (streamed_save), so no
 destination shard is ever held whole; PARALLEL_FILES destination files are written
-at once. Peak memory stays at a
-few hundred MiB over the interpreter's, whatever the checkpoint's size.
+at once. Peak memory stays at a few hundred MiB over the interpreter's, whatever
+the checkpoint's size.
 
 Everything goes into a temporary sibling of DST, renamed into place at the end;
 SRC is only read, and every check runs before the first byte is written, except
@@ -205,7 +205,7 @@ def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path], dtype_of: Cal
         return dst_paths[rank].name, save_streamed(dst_paths[rank], specs, fill)
 
     try:
-        # a file's writes queue on its inode lock: several files at once keep the cores busy
+        # a file's sha256 runs on one core: several files at once keep both busy
         with ThreadPoolExecutor(max_workers=min(PARALLEL_FILES, len(dst_paths))) as pool:
             return dict(pool.map(write, range(len(dst_paths))))
     finally:
