@@ -207,7 +207,8 @@ def main() -> None:
         print(f"checkpoint: {n_params(opts.dim, layers, opts.vocab) / 1e9:.2f}B parameters (dim {opts.dim}, "
               f"{layers} layers, vocab {opts.vocab}), fp32 mp=2, {size / GiB:.2f} GiB; written in {written:.0f}s")
 
-        floor = run_child([python, "-c", "import llama_dist.reshard"])
+        # the reshard's process ends without the interpreter's teardown (cli.QUICK_EXIT): so does this one
+        floor = run_child([python, "-c", "import os, llama_dist.reshard; os._exit(0)"])
         rounds = []
         for index in range(opts.rounds + 1):
             rounds.append(timed_round(python, src, root, ["--no-verify"] if opts.no_verify else [], opts.settle,

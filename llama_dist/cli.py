@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 from typing import Optional
 
@@ -18,6 +20,10 @@ COMMANDS = {
     "export-hf": ("llama_dist.export_hf:cli", "write a transformers LlamaForCausalLM directory"),
     "demo": ("llama_dist.demo:cli", "tokenizer, data, training, reshard and generation in one go"),
 }
+# Commands that, once they return, have fsynced all they wrote and left no thread running.
+# Their process ends with os._exit and skips the interpreter's teardown, which with torch
+# imported takes 0.4-0.6 s (measured on a 2-core VM), a tenth of a 1B reshard.
+QUICK_EXIT = {"reshard"}
 
 
 def config_cli(argv: list[str]) -> int:
@@ -63,5 +69,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `llama-dist` console script: main(), then the process's exit."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if argv and argv[0] in QUICK_EXIT:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

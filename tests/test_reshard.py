@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,3 +294,27 @@ def test_resharded_checkpoint_gives_the_same_logits_in_gloo_ranks(tmp_path):
         for got, want in zip(rank_logits, expected):
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def _run_console_script(argv: list[str]) -> subprocess.CompletedProcess:
+    """`llama-dist ARGV` as its console script runs it, with an atexit hook that reports the
+    interpreter's teardown."""
+    code = ("import atexit, sys; atexit.register(lambda: print('teardown ran'));"
+            f"sys.argv = ['llama-dist', *{argv!r}]; from llama_dist.cli import run; run()")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_reshard_ends_without_the_teardown_and_loses_nothing(tmp_path):
+    src = write_checkpoint(tmp_path / "src", LLAMA2, model_weights(LLAMA2), 2)
+    done = _run_console_script(["reshard", str(src), str(tmp_path / "one"), "--mp", "1"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("resharded ") and "teardown ran" not in done.stdout
+    reshard(src, tmp_path / "reference", 1)
+    assert sha256(tmp_path / "one" / "consolidated.00.pth") == sha256(tmp_path / "reference" / "consolidated.00.pth")
+    assert_committed_checkpoint(tmp_path / "one")
+
+    bad = _run_console_script(["reshard", str(src), str(tmp_path / "bad"), "--mp", "3"])
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not divide" in bad.stderr
+    # other commands keep the normal exit
+    config = _run_console_script(["config", "tiny"])
+    assert config.returncode == 0 and config.stdout.rstrip().endswith("teardown ran")
