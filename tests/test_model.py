@@ -87,7 +87,8 @@ def test_count_matches_built_model(model):
 @pytest.mark.parametrize(
     "name, params, ffn",
     [("llama2-7b", 6_738_415_616, 11008), ("llama2-13b", 13_015_864_320, 13824),
-     ("llama2-70b", 68_976_648_192, 28672), ("llama3-8b", 8_030_261_248, 14336)],
+     ("llama2-70b", 68_976_648_192, 28672), ("llama3-8b", 8_030_261_248, 14336),
+     ("llama-1b", 1_100_048_384, 5632)],  # TinyLlama 1.1B's shape
 )
 def test_published_shapes(name, params, ffn):
     args = load_config(name).model
