@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Generator, Iterator, Optional
 
 from llama_dist.errors import UserError
 
@@ -23,12 +23,13 @@ HASH_WINDOW = 16 << 20
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # Linux; elsewhere the pages simply stay mapped
 
 
-def sha256_file(path: str | os.PathLike, stop: Optional[threading.Event] = None) -> str:
-    """The file's sha256, read through a memory map one window at a time.
+def sha256_windows(path: str | os.PathLike) -> Generator[None, None, str]:
+    """The file's sha256, read through a memory map one window at a time; yields before each
+    window (where a caller may stop, or go on in another thread) and returns the hex digest.
 
     Hashing the mapped pages saves read()'s copy into a buffer (about 15% of the time
     on a 2 GB shard), and dropping each window from the mapping once hashed keeps the
-    resident set flat. `stop`, once set, abandons the hash with CancelledError.
+    resident set flat.
     """
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -36,12 +37,32 @@ def sha256_file(path: str | os.PathLike, stop: Optional[threading.Event] = None)
             return digest.hexdigest()  # mmap refuses an empty file
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
             for start in range(0, len(mapped), HASH_WINDOW):
-                if stop is not None and stop.is_set():
-                    raise CancelledError(f"hashing {path}")
+                yield
                 digest.update(view[start : start + HASH_WINDOW])
                 if _MADV_DONTNEED is not None:
                     mapped.madvise(_MADV_DONTNEED, start, min(HASH_WINDOW, len(mapped) - start))
     return digest.hexdigest()
+
+
+def run_steps(steps: Generator[None, None, Any], stop: Optional[threading.Event] = None,
+              until: Callable[[], bool] = lambda: False) -> tuple[bool, Any]:
+    """Resume `steps` until it returns, (True, what it returned), or until `until()` holds
+    at a yield, (False, None); CancelledError once `stop` is set."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return True, end.value
+        if stop is not None and stop.is_set():
+            steps.close()
+            raise CancelledError("hashing stopped")
+        if until():
+            return False, None
+
+
+def sha256_file(path: str | os.PathLike, stop: Optional[threading.Event] = None) -> str:
+    """sha256_windows in one go; `stop`, once set, abandons the hash with CancelledError."""
+    return run_steps(sha256_windows(path), stop)[1]
 
 
 def _sync_file_range() -> Optional[Any]:

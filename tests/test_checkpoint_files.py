@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import CancelledError
 
 import pytest
@@ -52,12 +53,11 @@ def test_background_check_reports_a_corrupt_file_as_verify_manifest_does(tmp_pat
         check.result()
 
 
-def _hash_until_stopped(path, stop=None):
-    """A hash that takes until cancel() (or 30 s): the check is surely still running when cancelled."""
-    stop.wait(30)
-    if stop.is_set():
-        raise CancelledError(f"hashing {path}")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _hash_until_stopped(path):
+    """Hash windows that never end (each 10 ms): the check is surely still running when cancelled."""
+    while True:
+        yield
+        time.sleep(0.01)
 
 
 def _check_threads() -> list[threading.Thread]:
@@ -65,7 +65,7 @@ def _check_threads() -> list[threading.Thread]:
 
 
 def test_cancel_stops_the_hashing_and_the_thread(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint_files, "sha256_file", _hash_until_stopped)
+    monkeypatch.setattr(checkpoint_files, "sha256_windows", _hash_until_stopped)
     check = BackgroundCheck(_checkpoint(tmp_path, a=b"a"), ["a"], "the fix")
     check.cancel()
     assert not _check_threads()
@@ -78,7 +78,7 @@ def test_a_reshard_that_fails_early_stops_its_source_check(tmp_path, training_ck
 
     src = training_ckpt[0]
     assert (src / MANIFEST).is_file()
-    monkeypatch.setattr(checkpoint_files, "sha256_file", _hash_until_stopped)
+    monkeypatch.setattr(checkpoint_files, "sha256_windows", _hash_until_stopped)
     with pytest.raises(UserError, match="--mp 3 does not divide"):
         reshard(src, tmp_path / "dst", 3)
     assert not _check_threads()
@@ -102,3 +102,40 @@ def test_the_reshard_command_starts_its_source_check_before_importing_torch(tmp_
                          capture_output=True, text=True, check=True).stdout
     assert "torch imported when the check started: False" in out
     assert (tmp_path / "dst" / "COMMITTED").is_file()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_the_thread_hashes_at_nice_19_and_the_caller_finishes_what_it_left(tmp_path, monkeypatch):
+    """Low priority while the caller works; once the caller waits, no starving: it hashes the rest."""
+    monkeypatch.setattr(files, "HASH_WINDOW", 4096)
+    ckpt = _checkpoint(tmp_path, a=os.urandom(10 * 4096))
+    steps, checks, real = [], [], files.sha256_windows
+
+    def watched(path):
+        windows = real(path)
+        while True:
+            try:
+                next(windows)
+            except StopIteration as end:
+                return end.value
+            steps.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+            if len(steps) == 3:
+                checks[0]._handover.wait(30)  # the thread stops here until result() takes over
+            yield
+
+    monkeypatch.setattr(checkpoint_files, "sha256_windows", watched)
+    own_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    checks.append(BackgroundCheck(ckpt, ["a"], "the fix"))
+    deadline = time.monotonic() + 30
+    while len(steps) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    checks[0].result()  # the file is intact
+    assert steps == [("manifest-check", 19)] * 3 + [(threading.current_thread().name, own_nice)] * 7  # a step per window
+    assert not _check_threads()
+
+    (ckpt / "a").write_bytes(os.urandom(10 * 4096))
+    steps.clear()
+    checks[0] = BackgroundCheck(ckpt, ["a"], "the fix")
+    with pytest.raises(UserError, match="does not match its sha256"):
+        checks[0].result()  # the mismatch found by the caller is reported as the thread's would be
+    assert [name for name, _ in steps[3:]] == [threading.current_thread().name] * 7
