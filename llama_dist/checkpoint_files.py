@@ -86,9 +86,10 @@ class BackgroundCheck:
 
     hashlib lets go of the GIL while it hashes, so the thread takes a core that the
     caller's work leaves idle. At nice 19 it also gives way where the caller's threads
-    want both cores: a reshard's writes, hashes and copies waited on it for 0.5 s of
-    6 s on a 2-core VM. Whatever is left when the caller asks for the result, the
-    caller hashes itself, at its own priority, so a busy machine cannot starve the check.
+    want every core (a reshard's copies and the hashes of the files it writes, which
+    the next write waits for), since the check has until the commit to finish. What
+    is left when the caller asks for the result, the caller hashes itself at its own
+    priority, so a busy machine cannot starve the check.
     """
 
     def __init__(self, ckpt_dir: Path, names: list[str], fix: str) -> None:

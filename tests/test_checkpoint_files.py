@@ -109,7 +109,7 @@ def test_the_thread_hashes_at_nice_19_and_the_caller_finishes_what_it_left(tmp_p
     """Low priority while the caller works; once the caller waits, no starving: it hashes the rest."""
     monkeypatch.setattr(files, "HASH_WINDOW", 4096)
     ckpt = _checkpoint(tmp_path, a=os.urandom(10 * 4096))
-    steps, checks, real = [], [], files.sha256_windows
+    steps, release, real = [], threading.Event(), files.sha256_windows
 
     def watched(path):
         windows = real(path)
@@ -118,24 +118,29 @@ def test_the_thread_hashes_at_nice_19_and_the_caller_finishes_what_it_left(tmp_p
                 next(windows)
             except StopIteration as end:
                 return end.value
-            steps.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+            nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            steps.append((threading.current_thread().name, nice))
             if len(steps) == 3:
-                checks[0]._handover.wait(30)  # the thread stops here until result() takes over
+                release.wait(30)  # the thread holds here until result() has asked for the rest
             yield
 
+    def three_steps_then_result(check: BackgroundCheck) -> None:
+        deadline = time.monotonic() + 30
+        while len(steps) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        threading.Timer(0.2, release.set).start()  # by then result() has asked for the rest
+        check.result()
+
     monkeypatch.setattr(checkpoint_files, "sha256_windows", watched)
-    own_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    checks.append(BackgroundCheck(ckpt, ["a"], "the fix"))
-    deadline = time.monotonic() + 30
-    while len(steps) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    checks[0].result()  # the file is intact
-    assert steps == [("manifest-check", 19)] * 3 + [(threading.current_thread().name, own_nice)] * 7  # a step per window
+    own = (threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    three_steps_then_result(BackgroundCheck(ckpt, ["a"], "the fix"))  # the file is intact
+    # a step per window: the thread's first three at nice 19, the rest in this thread at its own
+    assert steps == [("manifest-check", 19)] * 3 + [own] * 7
     assert not _check_threads()
 
     (ckpt / "a").write_bytes(os.urandom(10 * 4096))
     steps.clear()
-    checks[0] = BackgroundCheck(ckpt, ["a"], "the fix")
-    with pytest.raises(UserError, match="does not match its sha256"):
-        checks[0].result()  # the mismatch found by the caller is reported as the thread's would be
-    assert [name for name, _ in steps[3:]] == [threading.current_thread().name] * 7
+    release.clear()
+    with pytest.raises(UserError, match="does not match its sha256"):  # found by this thread, reported alike
+        three_steps_then_result(BackgroundCheck(ckpt, ["a"], "the fix"))
+    assert steps == [("manifest-check", 19)] * 3 + [own] * 7
