@@ -128,7 +128,8 @@ def test_the_thread_hashes_at_nice_19_and_the_caller_finishes_what_it_left(tmp_p
         deadline = time.monotonic() + 30
         while len(steps) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        threading.Timer(0.2, release.set).start()  # by then result() has asked for the rest
+        # the thread goes on once result() has asked for the rest, and must then hand it over
+        threading.Thread(target=lambda: check._handover.wait(30) and release.set()).start()
         check.result()
 
     monkeypatch.setattr(checkpoint_files, "sha256_windows", watched)
