@@ -23,12 +23,14 @@ import json
 import math
 import re
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from llama_dist.checkpoint_files import COMMIT_MARKER as COMMITTED
 from llama_dist.checkpoint_files import (CONFIG_FILE, MANIFEST, OPTIMIZER_FILE, TRAIN_STATE, BackgroundCheck,
@@ -176,8 +178,32 @@ def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int,
         yield from _row_blocks(parts, dim)
 
 
+class _Progress:
+    """Bytes written so far, on a bar on the terminal (none in logs or tests): the writer
+    threads of the destination files report to it together."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        # disable=None: tqdm draws only where stderr is a terminal
+        self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="reshard",
+                         disable=None if show else True)
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self._bar.update(nbytes)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _bytes_to_write(files: Sharded, mp: int, dtype_of: Callable[[str], torch.dtype]) -> int:
+    """What the M files of one kind hold: each split tensor once, each replicated one M times."""
+    return sum(math.prod(files.full_shape(key)) * dtype_of(key).itemsize * (mp if files.dims[key] is None else 1)
+               for key in files.shapes)
+
+
 def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path], dtype_of: Callable[[str], torch.dtype],
-                   check: Optional[BackgroundCheck]) -> dict[str, str]:
+                   check: Optional[BackgroundCheck], progress: _Progress) -> dict[str, str]:
     """Write the M destination files of one kind straight from the N mapped sources; their sha256s.
 
     A source check that has already failed stops the writing at the next tensor: a 70B
@@ -197,8 +223,10 @@ def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path], dtype_of: Cal
             tensors = sources.tensors(key)
             if files.dims[key] is None:
                 check_replicated(key, tensors, files.paths)
+            itemsize = dtype_of(key).itemsize
             for block, rows in _pieces(tensors, files.dims[key], rank, mp):
                 yield block
+                progress.add(sum(row.numel() for row in rows) * itemsize)
                 for row in rows:
                     sources.done_with(row)
 
@@ -253,24 +281,26 @@ def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
 
 
 def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, torch.dtype, None] = None,
-            force: bool = False, verify: bool = True, source_check: Optional[BackgroundCheck] = None) -> None:
+            force: bool = False, verify: bool = True, source_check: Optional[BackgroundCheck] = None,
+            progress: bool = False) -> None:
     """Write the checkpoint in `src` to `dst` with `mp` model-parallel shards.
 
     `dtype` casts the model weights (for a release); optimizer moments keep theirs.
     `verify` checks SRC's sha256 manifest, if it has one, in a thread while the reshard
     works; `source_check` is that check, already started (by the CLI, before it imports torch).
+    `progress` shows the bytes written on a bar where stderr is a terminal.
     """
     src = Path(src)
     check = source_check or (start_source_check(src) if verify else None)
     try:
-        _reshard(src, Path(dst), mp, parse_dtype(dtype), force, check)
+        _reshard(src, Path(dst), mp, parse_dtype(dtype), force, check, progress)
     finally:
         if check is not None:
             check.cancel()  # after an error; a finished check stays as it is
 
 
 def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[torch.dtype], force: bool,
-             check: Optional[BackgroundCheck]) -> None:
+             check: Optional[BackgroundCheck], show_progress: bool) -> None:
     model = inspect_model(src)
     _check_divisible(model, mp)
     optimizer = _inspect_optimizer(src, model)
@@ -284,13 +314,20 @@ def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[torch.dtype], forc
     if model.dropped:
         log.info(f"reshard: dropped {', '.join(model.dropped)} (Llama 1's rotary table; loaders recompute it)")
 
+    weights = model.weights
+    kinds = [(weights, shard_file, lambda key: cast_to or weights.dtypes[key])]
+    if optimizer is not None:
+        kinds.append((optimizer, optimizer_file, lambda key: optimizer.dtypes[key]))
+    total = sum(_bytes_to_write(files, mp, dtype_of) for files, _, dtype_of in kinds)
     with staged_directory(dst, force) as tmp:
-        weights = model.weights
-        digests = _reshard_files(weights, mp, [tmp / shard_file(r) for r in range(mp)],
-                                 lambda key: cast_to or weights.dtypes[key], check)
-        if optimizer is not None:
-            digests |= _reshard_files(optimizer, mp, [tmp / optimizer_file(r) for r in range(mp)],
-                                      lambda key: optimizer.dtypes[key], check)
+        digests: dict[str, str] = {}
+        progress = _Progress(total, show_progress)
+        try:
+            for files, name_of, dtype_of in kinds:
+                digests |= _reshard_files(files, mp, [tmp / name_of(r) for r in range(mp)], dtype_of, check,
+                                          progress)
+        finally:
+            progress.close()
         if check is not None:
             check.result()  # before anything is committed
         _copy_other_files(src, tmp, texts)

@@ -64,7 +64,7 @@ def cli(argv: list[str]) -> int:
     gc.freeze()
     try:
         reshard(args.src, args.dst, args.mp, dtype=args.dtype, force=args.force, verify=not args.no_verify,
-                source_check=check)
+                source_check=check, progress=True)
     finally:
         gc.unfreeze()  # the CLI can be called in-process
         torch.set_num_threads(threads)

@@ -318,3 +318,35 @@ def test_console_script_reshard_ends_without_the_teardown_and_loses_nothing(tmp_
     # other commands keep the normal exit
     config = _run_console_script(["config", "tiny"])
     assert config.returncode == 0 and config.stdout.rstrip().endswith("teardown ran")
+
+
+class _Bar:
+    """Stands in for tqdm: records the total, the updates and whether it would draw."""
+
+    made: list["_Bar"] = []
+
+    def __init__(self, total, disable, **_):
+        self.total, self.disable, self.updates, self.closed = total, disable, [], False
+        _Bar.made.append(self)
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("mp", [2, 4])
+def test_progress_counts_every_byte_written(tmp_path, training_ckpt, monkeypatch, mp):
+    import llama_dist.reshard as reshard_module
+
+    monkeypatch.setattr(reshard_module, "tqdm", _Bar)
+    _Bar.made.clear()
+    src = training_ckpt[0]
+    reshard(src, tmp_path / "on", mp, progress=True)  # replicated norms are written once per shard
+    reshard(tmp_path / "on", tmp_path / "back", 1)
+    on, back = _Bar.made
+    written = sum(t.numel() * t.element_size() for path in sorted((tmp_path / "on").glob("*.pt*"))
+                  for t in load(path).values())
+    assert on.total == sum(on.updates) == written and on.closed and on.disable is None  # drawn on a terminal
+    assert back.total == sum(back.updates) and back.disable is True  # the library's default: no bar
