@@ -41,7 +41,7 @@ from llama_dist.files import atomic_write_text, fsync_path, staged_directory
 from llama_dist.reshard_cli import DTYPE_NAMES, start_source_check
 from llama_dist.sharded_source import (MappedSources, ModelShards, PathLike, Sharded, check_replicated,
                                        inspect_model, read_sharded)
-from llama_dist.streamed_save import Block, save_streamed
+from llama_dist.streamed_save import Block, Spec, save_streamed
 
 DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_NAMES.items()}
 CHUNK_BYTES = 32 << 20  # the most of one destination tensor assembled at once
@@ -196,25 +196,25 @@ class _Progress:
         self._bar.close()
 
 
-def _bytes_to_write(files: Sharded, mp: int, dtype_of: Callable[[str], torch.dtype]) -> int:
-    """What the M files of one kind hold: each split tensor once, each replicated one M times."""
-    return sum(math.prod(files.full_shape(key)) * dtype_of(key).itemsize * (mp if files.dims[key] is None else 1)
-               for key in files.shapes)
+def _shard_specs(files: Sharded, mp: int, dtype_of: Callable[[str], torch.dtype]) -> dict[str, Spec]:
+    """(shape, dtype) of each tensor in one of the M destination files, alike for every rank."""
+    specs = {}
+    for key in files.shapes:
+        shape, dim = list(files.full_shape(key)), files.dims[key]
+        if dim is not None:
+            shape[dim] //= mp
+        specs[key] = (tuple(shape), dtype_of(key))
+    return specs
 
 
-def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path], dtype_of: Callable[[str], torch.dtype],
+def _reshard_files(files: Sharded, specs: dict[str, Spec], dst_paths: list[Path],
                    check: Optional[BackgroundCheck], progress: _Progress) -> dict[str, str]:
     """Write the M destination files of one kind straight from the N mapped sources; their sha256s.
 
     A source check that has already failed stops the writing at the next tensor: a 70B
     reshard need not write on for minutes to report a corrupt shard.
     """
-    sources, specs = MappedSources(files), {}
-    for key in files.shapes:
-        shape, dim = list(files.full_shape(key)), files.dims[key]
-        if dim is not None:
-            shape[dim] //= mp
-        specs[key] = (tuple(shape), dtype_of(key))
+    sources, mp = MappedSources(files), len(dst_paths)
 
     def write(rank: int) -> tuple[str, str]:
         def fill(key: str) -> Iterator[Block]:
@@ -223,7 +223,7 @@ def _reshard_files(files: Sharded, mp: int, dst_paths: list[Path], dtype_of: Cal
             tensors = sources.tensors(key)
             if files.dims[key] is None:
                 check_replicated(key, tensors, files.paths)
-            itemsize = dtype_of(key).itemsize
+            itemsize = specs[key][1].itemsize
             for block, rows in _pieces(tensors, files.dims[key], rank, mp):
                 yield block
                 progress.add(sum(row.numel() for row in rows) * itemsize)
@@ -315,17 +315,17 @@ def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[torch.dtype], forc
         log.info(f"reshard: dropped {', '.join(model.dropped)} (Llama 1's rotary table; loaders recompute it)")
 
     weights = model.weights
-    kinds = [(weights, shard_file, lambda key: cast_to or weights.dtypes[key])]
+    kinds = [(weights, shard_file, _shard_specs(weights, mp, lambda key: cast_to or weights.dtypes[key]))]
     if optimizer is not None:
-        kinds.append((optimizer, optimizer_file, lambda key: optimizer.dtypes[key]))
-    total = sum(_bytes_to_write(files, mp, dtype_of) for files, _, dtype_of in kinds)
+        kinds.append((optimizer, optimizer_file, _shard_specs(optimizer, mp, optimizer.dtypes.__getitem__)))
+    # every destination file of a kind holds the same shapes
+    total = mp * sum(math.prod(shape) * dtype.itemsize for _, _, specs in kinds for shape, dtype in specs.values())
     with staged_directory(dst, force) as tmp:
         digests: dict[str, str] = {}
         progress = _Progress(total, show_progress)
         try:
-            for files, name_of, dtype_of in kinds:
-                digests |= _reshard_files(files, mp, [tmp / name_of(r) for r in range(mp)], dtype_of, check,
-                                          progress)
+            for files, name_of, specs in kinds:
+                digests |= _reshard_files(files, specs, [tmp / name_of(r) for r in range(mp)], check, progress)
         finally:
             progress.close()
         if check is not None:

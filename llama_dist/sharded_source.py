@@ -128,7 +128,7 @@ class MappedSources:
     def __init__(self, files: Sharded):
         self.files = files
         self._states: dict[int, dict[str, torch.Tensor]] = {}
-        self._maps: dict[int, tuple[int, mmap.mmap, int]] = {}  # rank: (fd, mapping, its address)
+        self._maps: dict[int, tuple[mmap.mmap, int]] = {}  # rank: (mapping, its address)
         self._spans: collections.deque = collections.deque()  # (rank, start, end) in the order handed out
         self._unreleased = 0
         self._lock = threading.Lock()  # destination files may be written in threads of their own
@@ -137,9 +137,9 @@ class MappedSources:
         path = self.files.paths[rank]
         records = storage_records(path)
         if records is not None and records.keys() >= self.files.shapes.keys():
-            fd = os.open(path, os.O_RDONLY)
             try:
-                mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                with open(path, "rb") as handle:  # the mapping holds the file open on its own
+                    mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
                 flat = torch.frombuffer(mapping, dtype=torch.uint8)
                 state = {}
                 for key, shape in self.files.shapes.items():
@@ -148,9 +148,9 @@ class MappedSources:
                         raise ValueError(f"'{key}' does not fill its storage")
                     state[key] = flat[record.start : record.start + record.nbytes].view(dtype).view(shape)
             except (ValueError, RuntimeError, OSError):  # unaligned or partial storages: torch's loader
-                os.close(fd)
+                pass
             else:
-                self._maps[rank] = (fd, mapping, flat.data_ptr())
+                self._maps[rank] = (mapping, flat.data_ptr())
                 return state
         return self.files.load(path)
 
@@ -164,7 +164,7 @@ class MappedSources:
     def _where(self, tensor: torch.Tensor) -> Optional[tuple[int, int, int]]:
         """(rank, start, end): the span of a source file that a view of its mapping covers."""
         ptr = tensor.data_ptr()
-        for rank, (_, mapping, address) in self._maps.items():
+        for rank, (mapping, address) in self._maps.items():
             if address <= ptr < address + len(mapping):
                 extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
                 start = ptr - address
@@ -184,11 +184,10 @@ class MappedSources:
                 self._unreleased -= end - start
                 first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
                 if last > first:
-                    self._maps[rank][1].madvise(mmap.MADV_DONTNEED, first, last - first)
+                    self._maps[rank][0].madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
-        for fd, _, _ in self._maps.values():
-            os.close(fd)
+        """Drop the tensors and mappings: a mapping goes once no view of it is left."""
         self._states, self._maps = {}, {}
 
 

@@ -268,6 +268,7 @@ def _skeleton_parts(path: Path, holes: list[StorageRecord]) -> list[bytearray]:
 
 # What fill(key) yields: a tensor, or parts to be joined on their last dimension
 Block = Union[torch.Tensor, list[torch.Tensor]]
+Spec = tuple[tuple[int, ...], torch.dtype]  # a tensor's shape and dtype
 
 
 class _Staging:
@@ -302,7 +303,7 @@ def _joined(block: Block) -> torch.Tensor:
     return block if isinstance(block, torch.Tensor) else torch.cat(block, dim=-1)
 
 
-def save_streamed(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+def save_streamed(path: Path, specs: dict[str, Spec],
                   fill: Callable[[str], Iterator[Block]]) -> str:
     """A torch.load-able file of `specs` whose bytes come from fill(key) block by block; its sha256.
 
