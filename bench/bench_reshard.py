@@ -226,7 +226,7 @@ def main() -> None:
         print(f"{'':24} {'seconds':>8} {'x copy':>7} {'+sync s':>8} {'x copy':>7} {'net x':>6} {'CPU s':>6} "
               f"{'peak RSS':>10} {'/ size':>7}")
         for name in rounds[0]:
-            startup = floor[0] * name.startswith("reshard")  # python + torch start-up, in the reshard child
+            startup = floor[0] * name.startswith("reshard")  # starting python and the reshard modules
             seconds = median_of(name, lambda row, copy: row[0])
             ratio = median_of(name, lambda row, copy: row[0] / copy[0])
             synced = median_of(name, lambda row, copy: row[1])
@@ -236,7 +236,7 @@ def main() -> None:
             rss = max(r[name][2] for r in rounds)
             print(f"{name:24} {seconds:8.1f} {ratio:7.2f} {synced:8.1f} {synced_ratio:7.2f} "
                   f"{net:6.2f} {cpu:6.1f} {rss / GiB:8.2f} G {rss / size:7.1%}")
-        print(f"('+sync': until os.sync() returns; 'net x': less starting python and importing torch, "
+        print(f"('+sync': until os.sync() returns; 'net x': less starting python and importing the reshard, "
               f"{floor[0]:.1f}s, {floor[3]:.1f} CPU s, {floor[2] / GiB:.2f} GiB peak RSS on its own; "
               f"peak RSS is the highest of the rounds.)")
         print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from llama_dist.errors import UserError
-from llama_dist.model import ModelArgs
+from llama_dist.model_args import ModelArgs
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

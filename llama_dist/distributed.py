@@ -1,17 +1,15 @@
 """The one place that touches process groups.
 
 torchrun's environment in, a process group plus fairscale's model- and
-data-parallel groups out; rank helpers, seeding, the rank-0 logger and the few
+data-parallel groups out; rank helpers, seeding and the few
 collectives the trainer needs (global grad norm, agreeing on a flag).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -27,6 +25,8 @@ from fairscale.nn.model_parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+
+from llama_dist.logs import get_logger  # noqa: F401 - the rank-0 logger, for callers that import it from here
 
 from llama_dist.config import ConfigError
 
@@ -197,29 +197,3 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device or current().device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-# --------------------------------------------------------------------------- logging
-
-
-class _RankFilter(logging.Filter):
-    """Rank 0 logs everything; other ranks only warnings and errors, tagged with their rank."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        record.rank_tag = "" if rank == 0 else f"[rank {rank}] "
-        return rank == 0 or record.levelno >= logging.WARNING
-
-
-def get_logger(name: str = "llama_dist") -> logging.Logger:
-    """The rank-0 logger: one helper instead of `if rank == 0` everywhere."""
-    root = logging.getLogger("llama_dist")
-    if not getattr(root, "_llama_dist_configured", False):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(rank_tag)s%(message)s"))
-        handler.addFilter(_RankFilter())
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
-        root._llama_dist_configured = True  # type: ignore[attr-defined]
-    return logging.getLogger(name) if name.startswith("llama_dist") else root.getChild(name)

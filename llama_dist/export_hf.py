@@ -26,9 +26,10 @@ from llama_dist.checkpoint_files import CONFIG_FILE, TOKENIZER_FILE
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
 from llama_dist.meta_format import read_params
-from llama_dist.model import ModelArgs
+from llama_dist.model_args import ModelArgs
 from llama_dist.files import staged_directory
-from llama_dist.reshard import DTYPES, parse_dtype
+from llama_dist.reshard import parse_dtype
+from llama_dist.reshard_cli import DTYPE_NAMES
 from llama_dist.sharded_source import PathLike, iter_merged_tensors
 
 MAX_SHARD_BYTES = 2 << 30  # one safetensors file is held in memory while it is written
@@ -204,7 +205,8 @@ def export_hf(ckpt_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dty
         import safetensors.torch  # noqa: F401
     except ImportError:
         raise UserError("export-hf needs the safetensors package: pip install safetensors") from None
-    dtype = parse_dtype(dtype)
+    cast = parse_dtype(dtype)
+    dtype = getattr(torch, cast.name) if cast is not None else None
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise UserError(f"checkpoint directory {ckpt} does not exist")
@@ -233,7 +235,7 @@ def cli(argv: list[str]) -> int:
                                      description="Write a transformers LlamaForCausalLM directory.")
     parser.add_argument("ckpt", help="checkpoint directory (any model-parallel size)")
     parser.add_argument("out", help="new directory (must not exist or be empty, unless --force)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: as saved)")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), help="cast the weights (default: as saved)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT once the new one is complete")
     args = parser.parse_args(argv)
     export_hf(args.ckpt, args.out, dtype=args.dtype, force=args.force)

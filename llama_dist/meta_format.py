@@ -4,6 +4,7 @@ Facts we match (see Meta's `Llama.build`): it globs `*.pth`, sorts them, needs
 `MP == len(checkpoints)`, loads `checkpoints[mp_rank]` and builds
 `ModelArgs(**params)`. So the directory holds no other `*.pth` file, a shard is a
 flat dict of tensors keyed by Meta's names, and params.json has only Meta's keys.
+Only load_shard imports torch, when called: the reshard reads shards without it.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import Iterable, Optional
 
 from llama_dist.checkpoint_files import PARAMS_FILE, SHARD_NAME, TOKENIZER_FILE, shard_file  # noqa: F401 - Meta's names, here too
 from llama_dist.errors import UserError, load_error_reason
 from llama_dist.files import atomic_write_text
-from llama_dist.model import ModelArgs
+from llama_dist.model_args import ModelArgs
 from llama_dist.streamed_save import save_streamed
+from llama_dist.torch_file import as_numpy, dtype_of
 
 META_KEY = re.compile(
     r"^(tok_embeddings\.weight|norm\.weight|output\.weight|rope\.freqs|"
@@ -83,24 +83,30 @@ def shard_dim(key: str, args: ModelArgs) -> Optional[int]:
     return None
 
 
-def load_shard(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
-    """One shard, memory-mapped, that cannot run code; rejects anything but Meta's flat dict."""
+def check_meta_keys(path: str | os.PathLike, keys: Iterable[str]) -> None:
+    unknown = [k for k in keys if not META_KEY.match(k)]
+    if unknown:
+        raise UserError(f"{path} is not a Meta-format state dict: unexpected key '{unknown[0]}'")
+
+
+def load_shard(path: str | os.PathLike, mmap: bool = True) -> dict:
+    """One shard (torch tensors), memory-mapped, that cannot run code; rejects anything but Meta's flat dict."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle and zip errors alike mean a bad file
         raise UserError(f"{path} is not a readable torch checkpoint ({load_error_reason(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a Meta-format state dict (expected a flat dict of tensors)")
-    unknown = [k for k in state if not META_KEY.match(k)]
-    if unknown:
-        raise UserError(f"{path} is not a Meta-format state dict: unexpected key '{unknown[0]}'")
+    check_meta_keys(path, state)
     return state
 
 
-def save_shard(state: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
+def save_shard(state: dict, path: str | os.PathLike) -> str:
     """A torch.load-able file of `state` (each tensor its own storage, as Meta's loader expects),
     written to NAME.tmp, synced and renamed; returns its sha256, hashed from memory while the
     bytes are written rather than read back afterwards."""
-    tensors = {key: value.detach() for key, value in state.items()}
-    specs = {key: (tuple(value.shape), value.dtype) for key, value in tensors.items()}
-    return save_streamed(Path(path), specs, lambda key: iter([tensors[key].cpu()]))
+    specs = {key: (tuple(value.shape), dtype_of(value)) for key, value in state.items()}
+    # one tensor at a time to the host: a GPU model is never copied whole
+    return save_streamed(Path(path), specs, lambda key: iter([as_numpy(state[key].detach().cpu())]))

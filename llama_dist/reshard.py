@@ -2,16 +2,17 @@
 
 Each weight is merged or split on its shard dimension (`meta_format.shard_dim`),
 tensor by tensor. Sources are memory-mapped, and pages already read are released
-from the resident set; each destination file is written front to back from a
-torch.save skeleton and the tensors' bytes, block by block (streamed_save), so no
-destination shard is ever held whole; PARALLEL_FILES destination files are written
-at once. Peak memory stays at a few hundred MiB over the interpreter's, whatever
-the checkpoint's size.
+from the resident set; each destination file is written front to back in torch's
+layout, block by block (streamed_save), so no destination shard is ever held
+whole; PARALLEL_FILES destination files are written at once. Peak memory stays at
+a few hundred MiB over the interpreter's, whatever the checkpoint's size. Only
+bytes move, so the reshard works on numpy views and never imports torch, whose
+import alone would take as long as writing a 1B model (torch_file).
 
 Everything goes into a temporary sibling of DST, renamed into place at the end;
 SRC is only read, and every check runs before the first byte is written, except
-SRC's sha256 manifest, which a thread checks meanwhile (reshard_cli starts it before
-torch is imported) and which must pass before anything is committed. The
+SRC's sha256 manifest, which a thread checks meanwhile and which must pass before
+anything is committed. The
 training state follows the weights: optimizer moments are split like their
 parameters, train_state.json and config.yaml get the new mp, rng files (one per
 rank of the old world) are dropped, and a fresh manifest and COMMITTED close it.
@@ -26,24 +27,24 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
-import torch
+import numpy as np
 import yaml
 from tqdm import tqdm
 
 from llama_dist.checkpoint_files import COMMIT_MARKER as COMMITTED
 from llama_dist.checkpoint_files import (CONFIG_FILE, MANIFEST, OPTIMIZER_FILE, TRAIN_STATE, BackgroundCheck,
                                          manifest_entries, optimizer_file, shard_file)
-from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError, load_error_reason
 from llama_dist.files import atomic_write_text, fsync_path, staged_directory
+from llama_dist.logs import get_logger
 from llama_dist.reshard_cli import DTYPE_NAMES, start_source_check
 from llama_dist.sharded_source import (MappedSources, ModelShards, PathLike, Sharded, check_replicated,
                                        inspect_model, read_sharded)
-from llama_dist.streamed_save import Block, Spec, save_streamed
+from llama_dist.streamed_save import FLOAT_TYPES, Block, Spec, save_streamed
+from llama_dist.torch_file import DTYPES, DType
 
-DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_NAMES.items()}
 CHUNK_BYTES = 32 << 20  # the most of one destination tensor assembled at once
 PARALLEL_FILES = 2  # destination files written at once
 OPTIMIZER_KEY = re.compile(r"^(exp_avg|exp_avg_sq|step)/(.+)$")
@@ -68,16 +69,26 @@ def _check_divisible(model: ModelShards, mp: int) -> None:
             raise UserError(f"--mp {mp} does not divide {what}={size}; valid --mp values for this model: {valid}")
 
 
-def _load_optimizer(path: Path) -> dict[str, torch.Tensor]:
+OPTIMIZER_FORMAT = "an optimizer state as docs/checkpoint-format.md describes (a flat dict of exp_avg/, " \
+                   "exp_avg_sq/ and step/ tensors)"
+
+
+def _check_optimizer_keys(path: Path, keys: Iterable[str]) -> None:
+    if not all(isinstance(k, str) and OPTIMIZER_KEY.match(k) for k in keys):
+        raise UserError(f"{path} is not {OPTIMIZER_FORMAT}")
+
+
+def _load_optimizer(path: Path) -> dict:
+    """With torch, for a file that is not in torch's zip layout."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle and zip errors alike mean a bad file
         raise UserError(f"{path} is not a readable torch file ({load_error_reason(err)})") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and OPTIMIZER_KEY.match(k) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise UserError(f"{path} is not an optimizer state as docs/checkpoint-format.md describes "
-                        f"(a flat dict of exp_avg/, exp_avg_sq/ and step/ tensors)")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not {OPTIMIZER_FORMAT}")
+    _check_optimizer_keys(path, state)
     return state
 
 
@@ -91,7 +102,7 @@ def _inspect_optimizer(ckpt_dir: Path, model: ModelShards) -> Optional[Sharded]:
     if found != paths:
         raise UserError(f"{ckpt_dir} has {', '.join(p.name for p in found)} but {n} model shards; "
                         f"expected optimizer.00.pt .. optimizer.{n - 1:02d}.pt, one per shard")
-    shapes, dtypes, _ = read_sharded(paths, _load_optimizer)
+    shapes, dtypes, _ = read_sharded(paths, _load_optimizer, _check_optimizer_keys)
     dims: dict[str, Optional[int]] = {}
     for key, shape in shapes.items():
         kind, name = OPTIMIZER_KEY.match(key).groups()
@@ -101,7 +112,7 @@ def _inspect_optimizer(ckpt_dir: Path, model: ModelShards) -> Optional[Sharded]:
             raise UserError(f"'{key}' is {tuple(shape)} in {paths[0].name} but its weight is "
                             f"{tuple(model.weights.shapes[name])}; the optimizer state belongs to another model")
         dims[key] = None if kind == "step" else model.weights.dims[name]
-    return Sharded(paths, _load_optimizer, shapes, dtypes, dims)
+    return Sharded(paths, _load_optimizer, _check_optimizer_keys, shapes, dtypes, dims)
 
 
 def _training_texts(src: Path, n: int, mp: int) -> dict[str, str]:
@@ -133,26 +144,26 @@ def _training_texts(src: Path, n: int, mp: int) -> dict[str, str]:
 # --------------------------------------------------------------------------- reading pieces
 
 
-def _row_blocks(parts: list[torch.Tensor], dim: int) -> Iterator[tuple[Block, list[torch.Tensor]]]:
+def _row_blocks(parts: list[np.ndarray], dim: int) -> Iterator[tuple[Block, list[np.ndarray]]]:
     """The parts joined on `dim`, as blocks of whole rows of at most CHUNK_BYTES, each with its rows.
 
     Rows of several parts stay a list, which save_streamed joins into a buffer it reuses.
     """
-    if parts[0].dim() == 0:
+    if parts[0].ndim == 0:
         yield parts[0], parts[:1]
         return
-    row_bytes = sum(part[0].numel() for part in parts) * parts[0].element_size()
+    row_bytes = sum(part[0].size for part in parts) * parts[0].itemsize
     step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for start in range(0, parts[0].shape[0], step):
         rows = [part[start : start + step] for part in parts]
         if len(rows) == 1:
             yield rows[0], rows
         else:
-            yield rows if dim == rows[0].dim() - 1 else torch.cat(rows, dim=dim), rows
+            yield rows if dim == rows[0].ndim - 1 else np.concatenate(rows, axis=dim), rows
 
 
-def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int,
-            mp: int) -> Iterator[tuple[Block, list[torch.Tensor]]]:
+def _pieces(sources: list[np.ndarray], dim: Optional[int], rank: int,
+            mp: int) -> Iterator[tuple[Block, list[np.ndarray]]]:
     """Shard `rank` of M of the tensor that the sources make together, as row blocks in order,
     each with the views of the sources it was made from.
 
@@ -170,7 +181,8 @@ def _pieces(sources: list[torch.Tensor], dim: Optional[int], rank: int,
     for index, source in enumerate(sources):
         start, stop = max(lo, index * width), min(hi, (index + 1) * width)  # in the full tensor
         if start < stop:
-            parts.append(source.narrow(dim, start - index * width, stop - start))
+            offset = start - index * width
+            parts.append(source[(slice(None),) * dim + (slice(offset, offset + stop - start),)])
     if dim == 0:
         for part in parts:
             yield from _row_blocks([part], 0)
@@ -196,14 +208,14 @@ class _Progress:
         self._bar.close()
 
 
-def _shard_specs(files: Sharded, mp: int, dtype_of: Callable[[str], torch.dtype]) -> dict[str, Spec]:
+def _shard_specs(files: Sharded, mp: int, cast_to: Optional[DType] = None) -> dict[str, Spec]:
     """(shape, dtype) of each tensor in one of the M destination files, alike for every rank."""
     specs = {}
     for key in files.shapes:
         shape, dim = list(files.full_shape(key)), files.dims[key]
         if dim is not None:
             shape[dim] //= mp
-        specs[key] = (tuple(shape), dtype_of(key))
+        specs[key] = (tuple(shape), cast_to or files.dtypes[key])
     return specs
 
 
@@ -220,17 +232,17 @@ def _reshard_files(files: Sharded, specs: dict[str, Spec], dst_paths: list[Path]
         def fill(key: str) -> Iterator[Block]:
             if check is not None:
                 check.raise_if_failed()
-            tensors = sources.tensors(key)
+            arrays = sources.tensors(key)
             if files.dims[key] is None:
-                check_replicated(key, tensors, files.paths)
+                check_replicated(key, arrays, files.paths, files.dtypes[key])
             itemsize = specs[key][1].itemsize
-            for block, rows in _pieces(tensors, files.dims[key], rank, mp):
+            for block, rows in _pieces(arrays, files.dims[key], rank, mp):
                 yield block
-                progress.add(sum(row.numel() for row in rows) * itemsize)
+                progress.add(sum(row.size for row in rows) * itemsize)
                 for row in rows:
                     sources.done_with(row)
 
-        return dst_paths[rank].name, save_streamed(dst_paths[rank], specs, fill)
+        return dst_paths[rank].name, save_streamed(dst_paths[rank], specs, fill, files.dtypes)
 
     try:
         # a file's sha256 runs on one core: several files at once keep both busy
@@ -272,22 +284,24 @@ def _copy_other_files(src: Path, tmp: Path, texts: dict[str, str]) -> None:
         log.info(f"reshard: not carried over (tied to the old layout): {', '.join(dropped)}")
 
 
-def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
+def parse_dtype(dtype: Union[str, DType, "torch.dtype", None]) -> Optional[DType]:  # noqa: F821
+    """--dtype's names (bf16, fp16, fp32), a DType, or a torch.dtype."""
+    if dtype is None or isinstance(dtype, DType):
         return dtype
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    name = DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES.values():
+        raise UserError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPE_NAMES)}")
+    return DTYPES[name]
 
 
-def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, torch.dtype, None] = None,
+def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, DType, "torch.dtype", None] = None,  # noqa: F821
             force: bool = False, verify: bool = True, source_check: Optional[BackgroundCheck] = None,
             progress: bool = False) -> None:
     """Write the checkpoint in `src` to `dst` with `mp` model-parallel shards.
 
     `dtype` casts the model weights (for a release); optimizer moments keep theirs.
     `verify` checks SRC's sha256 manifest, if it has one, in a thread while the reshard
-    works; `source_check` is that check, already started (by the CLI, before it imports torch).
+    works; `source_check` is that check, already started (by the CLI, first thing).
     `progress` shows the bytes written on a bar where stderr is a terminal.
     """
     src = Path(src)
@@ -299,7 +313,7 @@ def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, torch.dtype
             check.cancel()  # after an error; a finished check stays as it is
 
 
-def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[torch.dtype], force: bool,
+def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[DType], force: bool,
              check: Optional[BackgroundCheck], show_progress: bool) -> None:
     model = inspect_model(src)
     _check_divisible(model, mp)
@@ -309,15 +323,17 @@ def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[torch.dtype], forc
     src_real, dst_real = src.resolve(), dst.resolve()
     if src_real == dst_real or src_real in dst_real.parents or dst_real in src_real.parents:
         raise UserError(f"destination {dst} overlaps the source {src}; choose a directory outside it")
-    if cast_to not in (None, torch.float32) and optimizer is not None:
-        log.info(f"reshard: casting a training checkpoint's weights to {cast_to}; its optimizer stays fp32")
+    if cast_to is not None and any(d.name not in FLOAT_TYPES for d in model.weights.dtypes.values()):
+        raise UserError(f"--dtype casts floating-point weights, and {src} holds others; reshard it without --dtype")
+    if cast_to not in (None, DTYPES["float32"]) and optimizer is not None:
+        log.info(f"reshard: casting a training checkpoint's weights to {cast_to.name}; its optimizer stays fp32")
     if model.dropped:
         log.info(f"reshard: dropped {', '.join(model.dropped)} (Llama 1's rotary table; loaders recompute it)")
 
     weights = model.weights
-    kinds = [(weights, shard_file, _shard_specs(weights, mp, lambda key: cast_to or weights.dtypes[key]))]
+    kinds = [(weights, shard_file, _shard_specs(weights, mp, cast_to))]
     if optimizer is not None:
-        kinds.append((optimizer, optimizer_file, _shard_specs(optimizer, mp, optimizer.dtypes.__getitem__)))
+        kinds.append((optimizer, optimizer_file, _shard_specs(optimizer, mp)))
     # every destination file of a kind holds the same shapes
     total = mp * sum(math.prod(shape) * dtype.itemsize for _, _, specs in kinds for shape, dtype in specs.values())
     with staged_directory(dst, force) as tmp:

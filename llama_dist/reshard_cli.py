@@ -1,16 +1,15 @@
-"""`llama-dist reshard`: the command line, which starts checking SRC before it imports torch.
+"""`llama-dist reshard`: the command line, which starts checking SRC first thing.
 
-Importing torch keeps one core busy for one to two seconds. Checking a training
-checkpoint against its manifest (a sha256 of each file the reshard reads) needs a
-core for about as long, and hashlib lets go of the GIL while it hashes. Started
-first, the check runs during the import instead of competing with the writes,
-which want both cores. The reshard itself is in llama_dist.reshard.
+Checking a training checkpoint against its manifest (a sha256 of each file the
+reshard reads) needs a core for seconds, and hashlib lets go of the GIL while it
+hashes: started before the reshard's own modules are imported and its sources
+read, it gets a head start on the writes, which want both cores. The reshard
+itself is in llama_dist.reshard; neither imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from pathlib import Path
 from typing import Optional
@@ -50,24 +49,10 @@ def cli(argv: list[str]) -> int:
     start = time.perf_counter()
     check = None if args.no_verify else start_source_check(Path(args.src))
 
-    import torch
-
     from llama_dist.reshard import reshard
 
-    # stitching rows is memory-bound, and the write, CRC-32 and sha256 threads already fill
-    # the cores: OpenMP workers spinning between the copies would only take time from them.
-    # The objects of torch's modules go to the collector's permanent generation, which full
-    # collections (set off by the blocks' futures) then need not walk.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.collect()
-    gc.freeze()
-    try:
-        reshard(args.src, args.dst, args.mp, dtype=args.dtype, force=args.force, verify=not args.no_verify,
-                source_check=check, progress=True)
-    finally:
-        gc.unfreeze()  # the CLI can be called in-process
-        torch.set_num_threads(threads)
+    reshard(args.src, args.dst, args.mp, dtype=args.dtype, force=args.force, verify=not args.no_verify,
+            source_check=check, progress=True)
     size = sum(p.stat().st_size for p in Path(args.dst).iterdir())
     print(f"resharded {args.src} -> {args.dst} (mp={args.mp}, {size / 2**30:.2f} GiB) "
           f"in {time.perf_counter() - start:.1f}s")

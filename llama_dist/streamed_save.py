@@ -1,109 +1,31 @@
-"""Save a dict of tensors to a torch.load-able file without holding the tensors in memory.
+"""Save a dict of tensors as torch.save would, without holding the tensors in memory.
 
-torch.save wants every tensor whole at once; a reshard to MP=1 would then hold
-the whole model. Here torch.save writes a skeleton under skip_data (the file gets
-a hole per storage), and the file is written again front to back: the skeleton's
-own bytes, each tensor's bytes block by block, and the CRC-32s that torch's zip
-keeps after each record. Without skip_data (torch < 2.5) or with an unknown layout
-it falls back to torch.save.
+torch.save wants every tensor whole at once; a reshard to MP=1 would then hold the
+whole model. Here the file is written front to back, in torch's own layout
+(torch_file): the records before the storages, each storage's bytes block by block
+as fill(key) yields them, the CRC-32 after each record, and the central directory.
+Only numpy is needed: the reshard that calls this never imports torch.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
 import hashlib
-import io
-import math
 import mmap
 import os
-import pickle
-import struct
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
-import torch
+import numpy as np
 
-from llama_dist.files import fsync_path, sha256_file, start_writeback
+from llama_dist.files import start_writeback
+from llama_dist.torch_file import SERIALIZATION_ID, DType, ZipRecords, archive_name, head_records, tail_records
 
 try:  # zlib-ng's CRC-32 folds with carry-less multiplies: 11.6 GB/s against zlib's 3.0 on a 2-core EPYC
     from zlib_ng.zlib_ng import crc32
 except ImportError:  # the same numbers, slower
     from zlib import crc32
-
-# torch.save can leave storage bytes as holes to fill in later (torch >= 2.5)
-_STREAMING_SAVE = hasattr(torch.serialization, "skip_data")
-
-
-class _StorageRefs(pickle.Unpickler):
-    """Reads a torch.save data.pkl only far enough to learn which zip record holds each tensor."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, size, stride, *rest: (storage, offset, _is_contiguous(size, stride))
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage"):
-            return name
-        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a torch.save skeleton")
-
-    def persistent_load(self, pid):
-        return pid[2]  # ('storage', storage type, record key, location, numel)
-
-
-def _is_contiguous(size: tuple, stride: tuple) -> bool:
-    """Row-major with no gaps, as Tensor.is_contiguous judges it (a dimension of size 1 has any stride)."""
-    expected = 1
-    for n, step in zip(reversed(size), reversed(stride)):
-        if n != 1 and step != expected:
-            return False
-        expected *= n
-    return True
-
-
-@dataclass
-class StorageRecord:
-    record: str  # the zip member that holds a tensor's storage
-    start: int  # file offset of its bytes
-    nbytes: int
-    crc_at: Optional[int]  # file offset of its CRC-32 in the data descriptor after the bytes; None: no descriptor
-
-
-def storage_records(path: Path) -> Optional[dict[str, StorageRecord]]:
-    """Where each tensor's bytes lie in a torch.save file of a flat dict; None if the layout is another."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pickle_name = next((n for n in zf.namelist() if n.endswith("/data.pkl")), "")
-            refs = _StorageRefs(io.BytesIO(zf.read(pickle_name))).load() if pickle_name else {}
-            infos = {info.filename: info for info in zf.infolist()}
-    except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, TypeError, EOFError):
-        return None
-    if not isinstance(refs, dict):
-        return None
-    prefix, records = pickle_name[: -len("data.pkl")], {}
-    with open(path, "rb") as f:
-        for key, ref in refs.items():
-            if not isinstance(ref, tuple):
-                return None
-            storage, element_offset, contiguous = ref
-            info = infos.get(f"{prefix}data/{storage}")
-            # torch stores each member uncompressed (and, when it writes, with a data descriptor);
-            # a strided view (a transposed weight, say) is not its storage's bytes in order
-            if info is None or element_offset or not contiguous or info.compress_type != zipfile.ZIP_STORED:
-                return None
-            f.seek(info.header_offset)
-            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
-            start = info.header_offset + 30 + name_len + extra_len
-            crc_at = None
-            if info.flag_bits & 8:
-                f.seek(start + info.file_size)
-                signature = f.read(4) == b"PK\x07\x08"  # the descriptor's signature is optional in zip
-                crc_at = start + info.file_size + 4 * signature
-            records[key] = StorageRecord(info.filename, start, info.file_size, crc_at)
-    return records if len(records) == len(refs) > 0 else None
 
 
 # How the bytes reach the disk. A write through the page cache first gets a fresh page
@@ -220,55 +142,42 @@ class _OrderedFile:
         os.close(self.fd)
 
 
-def _patch_central_crcs(tail: bytearray, base: int, crcs: dict[str, int]) -> None:
-    """Write each record's CRC-32 into its central directory entry (zip64 or not).
+# What fill(key) yields: an array, or parts to be joined on their last dimension
+Block = Union[np.ndarray, list[np.ndarray]]
+Spec = tuple[tuple[int, ...], DType]  # a tensor's shape and dtype
 
-    `tail` is the end of the file, from offset `base`: the central directory and the
-    end records, which torch's zip writer puts after the last record.
-    """
-    def read(offset: int, nbytes: int) -> bytes:
-        if not base <= offset <= offset + nbytes <= base + len(tail):
-            raise RuntimeError("unexpected zip layout: the central directory is not after the last record")
-        return bytes(tail[offset - base : offset - base + nbytes])
-
-    size = base + len(tail)
-    end = read(size - 22, 22)
-    if end[:4] != b"PK\x05\x06":
-        raise RuntimeError("unexpected zip layout: no end of central directory record")
-    entries, pos = struct.unpack("<H", end[10:12])[0], struct.unpack("<I", end[16:20])[0]
-    locator = read(size - 42, 20)
-    if locator[:4] == b"PK\x06\x07":
-        record = read(struct.unpack("<Q", locator[8:16])[0], 56)
-        entries, pos = struct.unpack("<QQ", record[32:40] + record[48:56])
-    for _ in range(entries):
-        head = read(pos, 46)
-        if head[:4] != b"PK\x01\x02":
-            raise RuntimeError("unexpected zip layout in the central directory")
-        name_len, extra_len, comment_len = struct.unpack("<HHH", head[28:34])
-        name = read(pos + 46, name_len).decode()
-        if name in crcs:
-            tail[pos + 16 - base : pos + 20 - base] = struct.pack("<I", crcs[name])
-        pos += 46 + name_len + extra_len + comment_len
+FLOAT_TYPES = {"float32", "float16", "bfloat16", "float64"}  # what cast_into converts between
 
 
-def _skeleton_parts(path: Path, holes: list[StorageRecord]) -> list[bytearray]:
-    """The skeleton's bytes around its holes (in file order): before the first, between
-    each two, after the last."""
-    with open(path, "rb") as f:
-        bounds = [0, *(end for hole in holes for end in (hole.start, hole.start + hole.nbytes)),
-                  os.fstat(f.fileno()).st_size]
-        parts = []
-        for start, end in zip(bounds[::2], bounds[1::2]):
-            if end < start:
-                raise RuntimeError(f"overlapping records in the torch.save skeleton of {path.name}")
-            f.seek(start)
-            parts.append(bytearray(f.read(end - start)))
-    return parts
+def as_float32(array: np.ndarray, dtype: DType) -> np.ndarray:
+    """The values as float32 (exactly, for every float dtype but float64)."""
+    if dtype.name == "bfloat16":  # its 16 bits are a float32's top half
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32)
 
 
-# What fill(key) yields: a tensor, or parts to be joined on their last dimension
-Block = Union[torch.Tensor, list[torch.Tensor]]
-Spec = tuple[tuple[int, ...], torch.dtype]  # a tensor's shape and dtype
+def cast_into(out: np.ndarray, array: np.ndarray, src: DType, dst: DType) -> None:
+    """`array` (of `src`) converted to `dst` into `out` bit for bit as torch's .to(dst) on a
+    CPU: by way of float32, to nearest with ties to even, NaNs as torch makes them. (A half
+    NaN widens with its payload, as torch's vectorised loop does; its scalar loop, which
+    takes a tensor's last few elements, gives 0x7FFFFFFF.)"""
+    if src.name not in FLOAT_TYPES or dst.name not in FLOAT_TYPES:
+        raise ValueError(f"cannot cast {src.name} to {dst.name}: only between floating-point types")
+    if src == dst:
+        np.copyto(out, array)
+        return
+    wide = np.ascontiguousarray(array if src.name == "float32" else as_float32(array, src), dtype=np.float32)
+    nan = np.isnan(wide)
+    bits = wide.view(np.uint32)
+    if dst.name == "bfloat16":
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        np.copyto(out, np.where(nan, 0xFFFF, rounded), casting="unsafe")
+        return
+    with np.errstate(over="ignore"):  # beyond float16's range is inf, as in torch
+        np.copyto(out, wide, casting="unsafe")
+    if dst.name == "float16" and nan.any():  # torch keeps the sign and the payload's top bits, and quiets it
+        quiet = ((bits >> 16) & 0x8000) | 0x7E00 | ((bits & 0x7FFFFF) >> 13)
+        out[nan] = quiet[nan].astype(np.uint16).view(np.float16)
 
 
 class _Staging:
@@ -278,82 +187,74 @@ class _Staging:
     file's window before the next one is assembled."""
 
     def __init__(self) -> None:
-        self._buffer: Optional[torch.Tensor] = None
+        self._buffer = np.empty(0, dtype=np.uint8)
 
-    def assemble(self, block: Block, dtype: torch.dtype) -> torch.Tensor:
-        """`block` as one contiguous tensor of `dtype`, copied into the buffer only if it must be."""
-        if isinstance(block, torch.Tensor):
-            if block.dtype == dtype and block.is_contiguous():
-                return block
-            shape = block.shape
-        else:
-            shape = (*block[0].shape[:-1], sum(part.shape[-1] for part in block))
-        nbytes = math.prod(shape) * dtype.itemsize
-        if self._buffer is None or self._buffer.numel() < nbytes:
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
-        staged = self._buffer[:nbytes].view(dtype).view(shape)
-        if isinstance(block, torch.Tensor):
-            staged.copy_(block)
-        else:
-            torch.cat(block, dim=-1, out=staged)
+    def assemble(self, block: Block, src: DType, dst: DType) -> np.ndarray:
+        """`block` (of `src`) as one C-contiguous array of `dst`, copied into the buffer only if it must be."""
+        parts = block if isinstance(block, list) else [block]
+        if len(parts) == 1 and src == dst and parts[0].flags.c_contiguous:
+            return parts[0]
+        shape = (*parts[0].shape[:-1], sum(part.shape[-1] for part in parts)) if parts[0].ndim else ()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dst.itemsize
+        if self._buffer.size < nbytes:
+            self._buffer = np.empty(nbytes, dtype=np.uint8)
+        staged = self._buffer[:nbytes].view(dst.numpy).reshape(shape)
+        if src == dst and len(parts) > 1:
+            np.concatenate(parts, axis=-1, out=staged)
+            return staged
+        column = 0
+        for part in parts:
+            width = part.shape[-1] if part.ndim else 1
+            cast_into(staged[..., column : column + width] if part.ndim else staged, part, src, dst)
+            column += width
         return staged
 
 
-def _joined(block: Block) -> torch.Tensor:
-    return block if isinstance(block, torch.Tensor) else torch.cat(block, dim=-1)
-
-
-def save_streamed(path: Path, specs: dict[str, Spec],
-                  fill: Callable[[str], Iterator[Block]]) -> str:
+def save_streamed(path: Path, specs: dict[str, Spec], fill: Callable[[str], Iterator[Block]],
+                  sources: Optional[dict[str, DType]] = None) -> str:
     """A torch.load-able file of `specs` whose bytes come from fill(key) block by block; its sha256.
 
-    torch.save wants every tensor in memory at once. Instead: save placeholders under
-    skip_data (torch.empty reserves address space that stays untouched, so not
-    resident; the file gets a hole per storage), keep the bytes around the holes, and
-    write the file again front to back: those bytes, each record's blocks, and the
-    CRC-32s that torch's zip keeps after each record and in its central directory. A
-    block may be a list of parts joined on their last dimension (rows stitched from
-    shards). The writes (O_DIRECT where the file system takes it) and the sha256 run in
-    threads of their own while the next blocks are assembled.
+    The file is the one torch.save would write for a dict of tensors of these shapes and
+    dtypes, in this order (but for half of the serialization id, see ZipRecords). A block may be a
+    list of parts joined on their last dimension (rows stitched from shards); `sources`
+    gives the dtype of the blocks of a key where it is not the file's (they are cast).
+    The writes (O_DIRECT where the file system takes it) and the sha256 run in threads of
+    their own while the next blocks are assembled. Written to NAME.tmp, synced, renamed.
     """
-    tmp, holes = Path(f"{path}.tmp"), None
-    if _STREAMING_SAVE:
-        placeholders = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in specs.items()}
-        with torch.serialization.skip_data():
-            torch.save(placeholders, tmp)
-        del placeholders
-        holes = storage_records(tmp)
-        if holes is not None and any(hole.crc_at is None for hole in holes.values()):
-            holes = None
-    if holes is None:  # no skip_data, or a layout we do not know: a plain torch.save
-        torch.save({k: torch.cat([_joined(b).reshape(-1).to(dtype) for b in fill(k)]).view(shape)
-                    for k, (shape, dtype) in specs.items()}, tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        return sha256_file(path)
-    ordered = sorted(holes.items(), key=lambda item: item[1].start)
-    parts = _skeleton_parts(tmp, [hole for _, hole in ordered])
-    digest, crcs, staging = hashlib.sha256(), {}, _Staging()
-    out = _OrderedFile(tmp, digest)  # truncates the skeleton, whose bytes are in `parts` now
+    tmp = Path(f"{path}.tmp")
+    folder, sources = archive_name(path), sources or {}
+    digest, records, staging = hashlib.sha256(), ZipRecords(), _Staging()
+    out = _OrderedFile(tmp, digest)
     try:
-        for (key, hole), before, after in zip(ordered, parts, parts[1:]):
-            out.append(before)
-            crc, end = 0, hole.start + hole.nbytes
-            for block in fill(key):
-                data = memoryview(staging.assemble(block, specs[key][1]).reshape(-1).view(torch.uint8).numpy())
-                if out.position + len(data) > end:
-                    raise RuntimeError(f"'{key}' overflows its {hole.nbytes} bytes in {path.name}")
+        def record(name: str, blocks: Iterator, size: int) -> None:
+            out.append(records.header(f"{folder}/{name}", out.position, size))
+            crc, start = 0, out.position
+            for data in blocks:
+                if out.position - start + len(data) > size:
+                    raise RuntimeError(f"{name} overflows its {size} bytes in {path.name}")
                 crc = crc32(data, crc)
                 out.append(data)
-            if out.position != end:
-                raise RuntimeError(f"'{key}' filled {out.position - hole.start} of its {hole.nbytes} bytes "
-                                   f"in {path.name}")
-            after[hole.crc_at - end : hole.crc_at - end + 4] = struct.pack("<I", crc)  # its data descriptor
-            crcs[hole.record] = crc
-        _patch_central_crcs(parts[-1], out.position, crcs)
-        out.append(parts[-1])
+            if out.position - start != size:
+                raise RuntimeError(f"{name} filled {out.position - start} of its {size} bytes in {path.name}")
+            out.append(records.descriptor(crc))
+
+        def storage(key: str) -> Iterator[np.ndarray]:
+            shape, dtype = specs[key]
+            for block in fill(key):
+                yield staging.assemble(block, sources.get(key, dtype), dtype).reshape(-1).view(np.uint8)
+
+        for name, data in head_records(specs):
+            record(name, iter([data]), len(data))
+        for index, (key, (shape, dtype)) in enumerate(specs.items()):
+            record(f"data/{index}", storage(key), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        for name, data in tail_records():
+            record(name, iter([data]), len(data))
+        last = records.serialization_id()  # of the records before it
+        record(SERIALIZATION_ID, iter([last]), len(last))
+        out.append(records.directory(out.position))
         out.close()
     finally:
         out.release()
     os.replace(tmp, path)
     return digest.hexdigest()
+

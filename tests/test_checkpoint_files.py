@@ -1,5 +1,5 @@
 """The sha256 of a file through its memory map, and the manifest check that runs in a thread
-(reshard's, started before torch is imported)."""
+(reshard's, started before its sources are opened)."""
 
 import hashlib
 import json

@@ -121,7 +121,7 @@ def test_corrupt_source_is_refused_unless_no_verify(tmp_path, capsys):
     src, _ = _break("corrupt", tmp_path)
     with pytest.raises(UserError, match="does not match its sha256"):
         reshard(src, tmp_path / "checked", 1)
-    # the command starts its check before importing torch, and reports it the same way
+    # the command starts its check first thing, and reports it the same way
     assert llama_dist_main(["reshard", str(src), str(tmp_path / "cli_checked"), "--mp", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "consolidated.01.pth does not match its sha256" in err, err
@@ -143,11 +143,11 @@ def test_a_failed_source_check_stops_the_writing_at_the_next_tensor(tmp_path, mo
         check.result()  # finished, and failed, before the reshard starts
     filled, save_streamed = [], reshard_module.save_streamed
 
-    def counting(path, specs, fill):
+    def counting(path, specs, fill, sources=None):
         def counted(key):
             filled.append(key)
             yield from fill(key)
-        return save_streamed(path, specs, counted)
+        return save_streamed(path, specs, counted, sources)
 
     monkeypatch.setattr(reshard_module, "save_streamed", counting)
     with pytest.raises(UserError, match="consolidated.01.pth does not match its sha256"):

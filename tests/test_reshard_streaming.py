@@ -1,28 +1,17 @@
-"""Reshard's write paths: the torch.save fallback, the CRC-32s, the staging buffer, O_DIRECT
-and the page cache, and how much memory a whole reshard holds."""
+"""Reshard's write paths: the CRC-32s, the staging buffer, O_DIRECT and the page cache,
+and how much memory a whole reshard holds."""
 
 import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from llama_dist.reshard import reshard
 from reshard_helpers import LLAMA2, assert_committed_checkpoint, assert_same, load, model_weights, write_checkpoint
-
-
-def test_plain_torch_save_fallback_writes_the_same_tensors(tmp_path, training_ckpt, monkeypatch):
-    from llama_dist import streamed_save
-
-    src, weights, optimizer = training_ckpt
-    reshard(src, tmp_path / "streamed", 2)
-    monkeypatch.setattr(streamed_save, "_STREAMING_SAVE", False)
-    reshard(src, tmp_path / "plain", 2)
-    for name in ("consolidated.00.pth", "consolidated.01.pth", "optimizer.00.pt", "optimizer.01.pt"):
-        assert_same(load(tmp_path / "plain" / name), load(tmp_path / "streamed" / name))
-    assert_committed_checkpoint(tmp_path / "plain")
 
 
 def _direct_io_works(directory: Path) -> bool:
@@ -49,6 +38,7 @@ def test_the_file_goes_to_the_disk_in_whole_windows(tmp_path, monkeypatch, direc
     import os
 
     from llama_dist import files, streamed_save
+    from llama_dist.torch_file import DTYPES
 
     if direct and not _direct_io_works(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
@@ -65,8 +55,8 @@ def test_the_file_goes_to_the_disk_in_whole_windows(tmp_path, monkeypatch, direc
     monkeypatch.setattr(streamed_save, "start_writeback", lambda fd, pos, nbytes: started.append((pos, nbytes)))
     tensors = {"w": torch.randn(300, 200), "norm": torch.randn(7), "step": torch.tensor(3.0)}
     path = tmp_path / "shard.pth"
-    digest = streamed_save.save_streamed(path, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
-                                         lambda key: iter([tensors[key]]))
+    digest = streamed_save.save_streamed(path, {k: (tuple(v.shape), DTYPES["float32"]) for k, v in tensors.items()},
+                                         lambda key: iter([tensors[key].numpy()]))
     size = path.stat().st_size
     assert_same(load(path), tensors)
     assert digest == files.sha256_file(path)
@@ -103,19 +93,26 @@ def test_crc32_with_a_running_value_matches_zlib_on_the_joined_bytes():
 
 def test_staging_copies_only_what_it_must_into_one_buffer_it_reuses():
     from llama_dist.streamed_save import _Staging
+    from llama_dist.torch_file import DTYPES
 
-    staging, whole = _Staging(), torch.arange(24.0).view(4, 6)
-    assert staging.assemble(whole, torch.float32) is whole  # contiguous, right dtype: no copy
+    def address(array):
+        return array.__array_interface__["data"][0]
+
+    f32, bf16 = DTYPES["float32"], DTYPES["bfloat16"]
+    staging, whole = _Staging(), np.arange(24, dtype=np.float32).reshape(4, 6)
+    assert staging.assemble(whole, f32, f32) is whole  # contiguous, right dtype: no copy
     left, right = whole[:, :2], whole[:, 2:]
-    joined = staging.assemble([left, right], torch.float32)
-    assert torch.equal(joined, whole) and joined.data_ptr() != whole.data_ptr()
-    first = joined.data_ptr()
-    made_contiguous = staging.assemble(right, torch.float32)  # a strided view, made contiguous
-    assert torch.equal(made_contiguous, right) and made_contiguous.data_ptr() == first
-    cast = staging.assemble([left, right], torch.bfloat16)
-    assert cast.dtype == torch.bfloat16 and torch.equal(cast, whole.to(torch.bfloat16)) and cast.data_ptr() == first
-    bigger = torch.arange(48.0).view(8, 6)
-    assert torch.equal(staging.assemble([bigger[:, :3], bigger[:, 3:]], torch.float32), bigger)
+    joined = staging.assemble([left, right], f32, f32)
+    assert np.array_equal(joined, whole) and not np.shares_memory(joined, whole)
+    first = address(joined)
+    made_contiguous = staging.assemble(right, f32, f32)  # a strided view, made contiguous
+    assert np.array_equal(made_contiguous, right) and address(made_contiguous) == first
+    cast = staging.assemble([left, right], f32, bf16)
+    expected = torch.from_numpy(whole).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    assert cast.dtype == np.uint16 and np.array_equal(cast, expected) and address(cast) == first
+    bigger = np.arange(48, dtype=np.float32).reshape(8, 6)
+    assert np.array_equal(staging.assemble([bigger[:, :3], bigger[:, 3:]], f32, f32), bigger)
+    assert staging.assemble(np.float32(2.5).reshape(()), f32, bf16).shape == ()  # a scalar
 
 
 def _refuse_direct_io(monkeypatch, where: str) -> list:
@@ -179,7 +176,7 @@ def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, mon
         monkeypatch.setattr(streamed_save, "WINDOWS", 2)
         monkeypatch.setattr(streamed_save, "WRITE_PIECE", 100)
     else:
-        monkeypatch.setattr(sharded_source, "storage_records", lambda path: None)
+        monkeypatch.setattr(sharded_source, "read_tensor_records", lambda path: None)
     reshard(src, tmp_path / "variant", 2)
     if variant.startswith("O_DIRECT refused"):
         assert refused, "the refusal should have been met and survived"
@@ -194,22 +191,23 @@ def test_every_write_path_gives_the_same_checkpoint(tmp_path, training_ckpt, mon
 def test_pages_read_from_a_source_leave_the_resident_set(tmp_path, monkeypatch):
     from llama_dist import sharded_source
     from llama_dist.meta_format import load_shard
+    from llama_dist.torch_file import DTYPES
 
     def resident_mib() -> float:
         return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
 
     torch.save({"w": torch.randn(16 << 20)}, tmp_path / "big.pth")  # 64 MiB
-    files = sharded_source.Sharded([tmp_path / "big.pth"], load_shard, {"w": torch.Size([16 << 20])},
-                                    {"w": torch.float32}, {"w": None})
+    files = sharded_source.Sharded([tmp_path / "big.pth"], load_shard, lambda path, keys: None,
+                                    {"w": (16 << 20,)}, {"w": DTYPES["float32"]}, {"w": None})
     sources = sharded_source.MappedSources(files)
     weight = sources.tensors("w")[0]
     before = resident_mib()
-    total = weight.sum().item()  # reads every page through the mapping
+    total = float(weight.sum())  # reads every page through the mapping
     assert resident_mib() - before > 48
     monkeypatch.setattr(sharded_source, "RELEASE_LAG", 0)
     sources.done_with(weight)
     assert resident_mib() - before < 16
-    assert weight.sum().item() == total  # released pages read back from the page cache
+    assert float(weight.sum()) == total  # released pages read back from the page cache
     sources.close()
 
 
