@@ -25,9 +25,9 @@ import yaml
 from llama_dist.checkpoint_files import CONFIG_FILE, TOKENIZER_FILE
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
+from llama_dist.files import staged_directory
 from llama_dist.meta_format import read_params
 from llama_dist.model_args import ModelArgs
-from llama_dist.files import staged_directory
 from llama_dist.reshard import parse_dtype
 from llama_dist.reshard_cli import DTYPE_NAMES
 from llama_dist.sharded_source import PathLike, iter_merged_tensors

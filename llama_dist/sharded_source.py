@@ -186,7 +186,8 @@ class MappedSources:
         for rank, (mapping, address) in self._maps.items():
             if address <= ptr < address + len(mapping):
                 start = ptr - address
-                return rank, start, start + array.itemsize + sum((n - 1) * s for n, s in zip(array.shape, array.strides))
+                extent = array.itemsize + sum((n - 1) * step for n, step in zip(array.shape, array.strides))
+                return rank, start, start + extent
         return None
 
     def done_with(self, array: np.ndarray) -> None:

@@ -14,15 +14,17 @@ folder, named after the file:
 laid out as torch's writer (miniz) lays them out: an "FB" extra field of padding
 before each record's bytes, a data descriptor with its CRC-32 after them, zip64
 fields where an offset or size reaches 4 GiB, and zip64 end records always. What
-`tensor_pickle` and `ZipRecords` write is byte for byte what torch.save writes (a
-test compares them); `read_tensor_records` reads such files and leaves anything
-else (objects that only code can rebuild, the pre-zip format) to torch.load.
+`tensor_pickle` and `ZipRecords` write is byte for byte what torch.save writes, but
+for half of the serialization id (tests/test_torch_file.py, bench/check_zip64.py);
+`read_tensor_records` reads such files and leaves anything else (objects that only
+code can rebuild, the pre-zip format) to torch.load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -239,7 +241,7 @@ def tensor_pickle(specs: dict[str, tuple[tuple[int, ...], DType]]) -> bytes:
             p.global_("torch", dtype.storage)
             p.string(str(index))
             p.string("cpu", shared=True)
-            p.int_(int(np.prod(shape, dtype=np.int64)) if shape else 1)
+            p.int_(math.prod(shape))  # the storage's size in elements
             p.out += b"t"
             p.put()
             p.out += b"Q"
@@ -279,7 +281,7 @@ class _Entry:
     name: bytes
     offset: int
     size: int
-    zip64: bytes  # the zip64 extra field; b"" if none
+    zip64: bytes  # the central directory's zip64 extra field; b"" if none
     flags: int
     crc: int = 0
 
@@ -297,7 +299,8 @@ class ZipRecords:
     """The bytes around each record of a zip written front to back, as torch's writer makes them.
 
     For each record: header(name, offset, size) before its bytes, descriptor(crc) after
-    (nothing for an empty record); directory(offset) at the end. Offsets are where the next byte goes in the file.
+    (nothing for an empty record); directory(offset) at the end. An offset is where the
+    next byte goes in the file.
     """
 
     def __init__(self) -> None:
