@@ -12,10 +12,10 @@ import alone would take as long as writing a 1B model (torch_file).
 Everything goes into a temporary sibling of DST, renamed into place at the end;
 SRC is only read, and every check runs before the first byte is written, except
 SRC's sha256 manifest, which a thread checks meanwhile and which must pass before
-anything is committed. The
-training state follows the weights: optimizer moments are split like their
-parameters, train_state.json and config.yaml get the new mp, rng files (one per
-rank of the old world) are dropped, and a fresh manifest and COMMITTED close it.
+anything is committed. The training state follows the weights: optimizer moments
+are split like their parameters, train_state.json and config.yaml get the new mp,
+rng files (one per rank of the old world) are dropped, and a fresh manifest and
+COMMITTED close it.
 """
 
 from __future__ import annotations

@@ -84,6 +84,19 @@ def test_dtype_casts_weights_but_not_optimizer_moments(tmp_path, training_ckpt, 
         assert_same(load(tmp_path / "cast" / f"optimizer.{rank:02d}.pt"), split(optimizer, 2, False)[rank])
 
 
+def test_dtype_refuses_what_it_cannot_cast(tmp_path):
+    weights = model_weights(LLAMA2)
+    weights["norm.weight"] = torch.ones_like(weights["norm.weight"], dtype=torch.int64)
+    src = write_checkpoint(tmp_path / "src", LLAMA2, weights, 1)
+    with pytest.raises(UserError, match="--dtype casts floating-point weights, and .* holds others"):
+        reshard(src, tmp_path / "cast", 1, dtype="bf16")
+    with pytest.raises(UserError, match="unknown dtype 'int8'; choose one of bf16, fp16, fp32"):
+        reshard(src, tmp_path / "cast", 1, dtype="int8")
+    assert not (tmp_path / "cast").exists()
+    reshard(src, tmp_path / "as_is", 1)  # moved as they are, whatever their dtype
+    assert load(tmp_path / "as_is" / "consolidated.00.pth")["norm.weight"].dtype == torch.int64
+
+
 def test_llama1_rope_freqs_are_dropped(tmp_path):
     weights = model_weights(LLAMA2)
     src = write_checkpoint(tmp_path / "mp2", LLAMA2, weights, 2)
