@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import pickle
 import struct
 import zipfile
@@ -139,6 +140,7 @@ def read_tensor_records(path: Path) -> Optional[dict[str, TensorRecord]]:
     if not isinstance(state, dict) or not all(isinstance(v, TensorRecord) for v in state.values()):
         return None
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         for record in state.values():
             info = infos.get(f"{folder}data/{record.storage}")
             if info is None or info.compress_type != zipfile.ZIP_STORED:
@@ -149,6 +151,8 @@ def read_tensor_records(path: Path) -> Optional[dict[str, TensorRecord]]:
                 return None
             name_len, extra_len = struct.unpack("<HH", header[26:30])
             record.start, record.nbytes = info.header_offset + 30 + name_len + extra_len, info.file_size
+            if record.start + record.nbytes > size:  # a directory that claims more than the file holds
+                return None
             extent = 1 + sum((n - 1) * s for n, s in zip(record.shape, record.stride))
             if min(record.shape, default=1) > 0 and (
                     record.offset < 0 or min(record.stride, default=0) < 0

@@ -101,6 +101,16 @@ def test_views_of_one_storage_read_as_torch_reads_them(tmp_path):
         assert np.array_equal(source.arrays[key], tensor.numpy()), key
 
 
+def _claim_size(path, record: str, nbytes: int) -> None:
+    """Make the central directory say that `record` holds `nbytes`."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    entry = data.rindex(b"PK\x01\x02", 0, data.rindex(record.encode()))
+    data[entry + 20 : entry + 28] = struct.pack("<II", nbytes, nbytes)
+    path.write_bytes(bytes(data))
+
+
 def test_other_files_are_left_to_torch(tmp_path):
     """None for what this module does not read; torch.load then reads it or refuses it."""
     import argparse
@@ -112,6 +122,7 @@ def test_other_files_are_left_to_torch(tmp_path):
         "parameter.pth": lambda p: torch.save({"w": torch.nn.Parameter(torch.ones(2))}, p),
         "not_a_zip.pth": lambda p: p.write_bytes(b"hello"),
         "truncated.pth": lambda p: (torch.save({"w": torch.ones(2)}, p), p.write_bytes(p.read_bytes()[:-30])),
+        "size_lies.pth": lambda p: (torch.save({"w": torch.ones(2)}, p), _claim_size(p, "size_lies/data/0", 1 << 30)),
     }
     for name, make in cases.items():
         make(tmp_path / name)
