@@ -101,6 +101,25 @@ def test_views_of_one_storage_read_as_torch_reads_them(tmp_path):
         assert np.array_equal(source.arrays[key], tensor.numpy()), key
 
 
+def test_a_file_saved_from_gpu_tensors_is_read_without_torch(tmp_path):
+    """A checkpoint saved from CUDA tensors names the location "cuda:0" in data.pkl; torch.load
+    maps it to the CPU, and this reader, which never allocates on a device, reads it alike.
+    Rewritten with zipfile, whose records are not aligned to 64 bytes."""
+    state = {"tok_embeddings.weight": torch.randn(6, 4), "norm.weight": torch.randn(4).bfloat16()}
+    torch.save(state, tmp_path / "cpu.pth")
+    with zipfile.ZipFile(tmp_path / "cpu.pth") as src, zipfile.ZipFile(tmp_path / "gpu.pth", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert data.count(b"X\x03\x00\x00\x00cpu") == 1  # once, then fetched from the memo
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            dst.writestr(info.filename, data)
+    loaded = torch.load(tmp_path / "gpu.pth", map_location="cpu", weights_only=True)
+    source = SourceFile(tmp_path / "gpu.pth", lambda path: pytest.fail("read with torch"), lambda path, keys: None)
+    for key, tensor in state.items():
+        assert torch.equal(torch_file.as_torch(source.arrays[key], source.dtypes[key]), loaded[key]), key
+
+
 def _claim_size(path, record: str, nbytes: int) -> None:
     """Make the central directory say that `record` holds `nbytes`."""
     import struct
