@@ -24,7 +24,7 @@ from fairscale.nn.model_parallel.layers import (
     VocabParallelEmbedding,
 )
 
-from llama_dist.model_args import ModelArgs  # params.json's fields, as in Meta's model.py
+from llama_dist.model_args import ModelArgs  # Meta keeps it atop model.py; apart, the checkpoint tools need no torch
 
 INIT_STD = 0.02
 
