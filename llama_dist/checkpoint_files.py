@@ -1,7 +1,7 @@
 """The names of a checkpoint directory's files, and the sha256 manifest that vouches for them.
 
-No torch here: `llama-dist reshard` checks its source against the manifest while
-torch is still being imported (see reshard_cli).
+No torch here: `llama-dist reshard`, which never imports torch, checks its source
+against the manifest in a thread (see reshard_cli).
 """
 
 from __future__ import annotations
