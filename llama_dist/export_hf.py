@@ -215,7 +215,7 @@ def export_hf(ckpt_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dty
     sp = _load_tokenizer(ckpt)
     special = _special_ids(sp)
 
-    with staged_directory(out_dir, force) as tmp:
+    with staged_directory(out_dir, force, source=ckpt) as tmp:
         vocab_size, written = _write_weights(tmp, args, iter_merged_tensors(ckpt), dtype, max_shard_bytes)
         config = hf_config(args, vocab_size, written, max_positions, special)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -133,32 +133,68 @@ def _non_empty(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+def check_destination(dst: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """The absolute path a command may replace with --force, or a UserError saying why not.
+
+    Replacing DST removes everything under it, so DST must not be, hold or sit inside
+    the source, hold the current directory, or be a symbolic link (whose target the
+    user may not mean to replace).
+    """
+    given = Path(dst)
+    if given.is_symlink():
+        raise UserError(f"destination {given} is a symbolic link; give the directory itself")
+    real = given.resolve()
+    if real == Path(real.anchor):
+        raise UserError(f"destination {given} is the root directory; choose a directory to write into")
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise UserError(f"destination {given} holds the current directory; choose a directory below it")
+    if source is not None:
+        src = Path(source).resolve()
+        if src == real or src in real.parents or real in src.parents:
+            raise UserError(f"destination {given} overlaps the source {source}; choose a directory outside it")
+    return real
+
+
 @contextmanager
-def staged_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def staged_directory(dst: str | os.PathLike, force: bool = False,
+                     source: str | os.PathLike | None = None) -> Iterator[Path]:
     """A fresh sibling of `dst` to write into, renamed to `dst` only if the block completes.
 
     A non-empty `dst` is refused unless `force`; then it is replaced only once the new
-    directory is complete (two renames: for a moment neither name exists).
+    directory is complete (two renames: for a moment neither name exists, and a failed
+    second rename puts the old directory back). `source`, when given, is what the block
+    reads, which `dst` must not overlap.
     """
-    dst = Path(dst)
+    given = dst
+    dst = check_destination(dst, source)
     if dst.exists() and not dst.is_dir():
-        raise UserError(f"{dst} exists and is not a directory; choose another destination")
+        raise UserError(f"{given} exists and is not a directory; choose another destination")
     if _non_empty(dst) and not force:
-        raise UserError(f"{dst} is not empty; choose another destination or pass --force to replace it")
+        raise UserError(f"{given} is not empty; choose another destination or pass --force to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f"{dst.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir()
     try:
         yield tmp
         fsync_path(tmp)
+        _swap_in(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if _non_empty(dst):
-        old = dst.with_name(f"{dst.name}.old-{secrets.token_hex(4)}")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)  # a rename replaces an empty directory
     fsync_path(dst.parent)
+
+
+def _swap_in(tmp: Path, dst: Path) -> None:
+    """Rename the finished `tmp` to `dst`, moving a non-empty `dst` aside first."""
+    if not _non_empty(dst):
+        os.replace(tmp, dst)  # a rename replaces an empty directory
+        return
+    old = dst.with_name(f"{dst.name}.old-{secrets.token_hex(4)}")
+    os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -165,11 +165,11 @@ def cast_into(out: np.ndarray, array: np.ndarray, src: DType, dst: DType) -> Non
     CPU: by way of float32, to nearest with ties to even, NaNs as torch makes them. (A half
     NaN widens with its payload, as torch's vectorised loop does; its scalar loop, which
     takes a tensor's last few elements, gives 0x7FFFFFFF.)"""
-    if src.name not in FLOAT_TYPES or dst.name not in FLOAT_TYPES:
-        raise ValueError(f"cannot cast {src.name} to {dst.name}: only between floating-point types")
-    if src == dst:
+    if src == dst:  # any dtype: a copy (a column slice of an integer tensor comes here)
         np.copyto(out, array)
         return
+    if src.name not in FLOAT_TYPES or dst.name not in FLOAT_TYPES:
+        raise ValueError(f"cannot cast {src.name} to {dst.name}: only between floating-point types")
     wide = np.ascontiguousarray(array if src.name == "float32" else as_float32(array, src), dtype=np.float32)
     nan = np.isnan(wide)
     bits = wide.view(np.uint32)

@@ -128,6 +128,11 @@ def test_bf16_export_and_refusals(tmp_path, tokenizer_model, monkeypatch):
     assert torch.equal(weights["lm_head.weight"], model.output.weight.detach().to(torch.bfloat16))
     with pytest.raises(UserError, match="is not empty; .*--force"):
         export_hf(ckpt, tmp_path / "hf")
+    shards = sorted((p.name, p.read_bytes()) for p in ckpt.iterdir())
+    for out in (ckpt, tmp_path):  # --force would replace the checkpoint being read
+        with pytest.raises(UserError, match="overlaps the source"):
+            export_hf(ckpt, out, force=True)
+    assert sorted((p.name, p.read_bytes()) for p in ckpt.iterdir()) == shards
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if it were not installed
     with pytest.raises(UserError, match=r"^export-hf needs the safetensors package: pip install safetensors$"):
         export_hf(ckpt, tmp_path / "again")

@@ -97,6 +97,18 @@ def test_dtype_refuses_what_it_cannot_cast(tmp_path):
     assert load(tmp_path / "as_is" / "consolidated.00.pth")["norm.weight"].dtype == torch.int64
 
 
+def test_integer_weights_split_and_merge_as_they_are(tmp_path):
+    weights = model_weights(LLAMA2)
+    wo = "layers.0.attention.wo.weight"  # row-parallel: each new shard is a column slice
+    weights[wo] = torch.randint(-128, 128, weights[wo].shape, dtype=torch.int8)
+    src = write_checkpoint(tmp_path / "src", LLAMA2, weights, 1)
+    reshard(src, tmp_path / "mp2", 2)
+    for rank, expected in enumerate(split(weights, 2, False)):
+        assert_same(load(tmp_path / "mp2" / f"consolidated.{rank:02d}.pth"), expected)
+    reshard(tmp_path / "mp2", tmp_path / "mp1", 1)
+    assert_same(load(tmp_path / "mp1" / "consolidated.00.pth"), weights)
+
+
 def test_llama1_rope_freqs_are_dropped(tmp_path):
     weights = model_weights(LLAMA2)
     src = write_checkpoint(tmp_path / "mp2", LLAMA2, weights, 2)
