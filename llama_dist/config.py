@@ -206,7 +206,12 @@ def coerce(value: Any, kind: Any, where: str) -> Any:
                 raise ValueError
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str) and "e" in value.lower():  # YAML leaves 1e3 as text
+                number = float(value)
+                if not number.is_integer():  # int() would truncate 1.25e1 to 12 without a word
+                    raise ConfigError(f"'{where}' must be a whole number, got {value}")
+                return int(number)
+            return int(value)
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -232,11 +237,28 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         "model.vocab_size": m.vocab_size, "model.multiple_of": m.multiple_of,
         "model.max_seq_len": m.max_seq_len, "parallel.mp": p.mp,
         "data.seq_len": cfg.data.seq_len, "data.micro_batch_size": cfg.data.micro_batch_size,
-        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps, "train.steps": cfg.train.steps,
+        "log.interval": cfg.log.interval,  # train.py logs when step % log.interval == 0
+        "train.max_bad_steps": cfg.train.max_bad_steps,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.train.eval_interval > 0 and cfg.train.eval_batches <= 0:
+        raise ConfigError(f"train.eval_batches must be positive, got {cfg.train.eval_batches}; "
+                          f"set train.eval_interval=0 to turn validation off")
+    o = cfg.optim
+    non_negative = {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "optim.eps": o.eps,
+                    "optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
+                    "optim.grad_clip": o.grad_clip, "train.eval_interval": cfg.train.eval_interval,
+                    "checkpoint.interval": cfg.checkpoint.interval, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+                    "checkpoint.keep_every": cfg.checkpoint.keep_every}
+    for key, value in non_negative.items():
+        if not value >= 0:  # written this way round so that NaN fails too
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, value in {"optim.beta1": o.beta1, "optim.beta2": o.beta2}.items():
+        if not 0 <= value < 1:  # else AdamW raises a traceback in every rank, after the model is built
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
     n_kv_heads = m.n_kv_heads or m.n_heads
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")

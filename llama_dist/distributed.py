@@ -71,6 +71,9 @@ def init_distributed(mp: int = 1, backend: str = "auto", device: str = "auto") -
     `python` process. Calling it again in an initialised process reuses the groups.
     """
     dev = pick_device(device)
+    if backend == "nccl" and dev.type == "cpu":  # train.device=auto on a machine without CUDA
+        raise ConfigError("parallel.backend=nccl needs a CUDA device and none is visible; "
+                          "use parallel.backend=gloo or auto")
     if not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"

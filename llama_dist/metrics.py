@@ -86,8 +86,8 @@ def format_duration(seconds: float) -> str:
 class TensorBoard:
     """Scalars on rank 0 only; every other rank holds a no-op, so callers never check ranks.
 
-    On resume, events at or after the resumed step are purged from view, so a run
-    that crashed after its last checkpoint shows each step once.
+    Events after the step the run starts from are purged from view, so a run that
+    crashed after its last checkpoint (or before its first) shows each step once.
     """
 
     def __init__(self, log_dir: Path, enabled: bool, resume_step: int = 0):
@@ -95,7 +95,7 @@ class TensorBoard:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+            self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:

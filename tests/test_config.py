@@ -40,6 +40,8 @@ def test_values_are_coerced_by_type():
 @pytest.mark.parametrize("override, message", [
     ("train.steps=ten", "'train.steps' must be int, got 'ten'"),
     ("train.steps=1.5", "'train.steps' must be int, got 1.5"),
+    ("train.steps=1.25e1", "'train.steps' must be a whole number, got 1.25e1"),  # not truncated to 12
+    ("train.steps=1e-3", "'train.steps' must be a whole number, got 1e-3"),  # not truncated to 0
     ("log.tensorboard=maybe", "'log.tensorboard' must be bool"),
     ("optim.lr=fast", "'optim.lr' must be float"),
     ("model.dimm=3", "unknown key 'model.dimm'; valid keys in 'model': dim, n_layers"),
@@ -52,6 +54,12 @@ def test_bad_overrides(override, message):
         load_config("tiny", [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_whole_numbers_with_an_exponent_are_ints():
+    cfg = load_config("tiny", ["train.steps=1e3", "optim.warmup_steps=2.5e1"])
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.warmup_steps == 25
 
 
 def test_unknown_key_in_file(tmp_path):
@@ -85,6 +93,37 @@ def test_invalid_combinations_name_both_values(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config("tiny", overrides)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["log.interval=0"], "log.interval must be positive, got 0"),  # else a ZeroDivisionError in train.py
+    (["train.steps=0"], "train.steps must be positive, got 0"),
+    (["train.eval_batches=0"], "train.eval_batches must be positive, got 0; set train.eval_interval=0"),
+    (["optim.beta1=1"], "optim.beta1 must be in [0, 1), got 1.0"),
+    (["optim.beta2=-0.1"], "optim.beta2 must be in [0, 1), got -0.1"),
+    (["optim.eps=-1e-8"], "optim.eps must be >= 0, got -1e-08"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps must be >= 0, got -1"),
+    (["optim.lr=-0.1", "optim.min_lr=-1"], "optim.lr must be >= 0, got -0.1"),
+    (["optim.min_lr=-1e-5"], "optim.min_lr must be >= 0, got -1e-05"),
+    (["optim.lr=.nan"], "optim.lr must be >= 0, got nan"),
+    (["optim.grad_clip=-1"], "optim.grad_clip must be >= 0, got -1.0"),
+    (["checkpoint.keep_last=-2"], "checkpoint.keep_last must be >= 0, got -2"),
+    (["train.eval_interval=-5"], "train.eval_interval must be >= 0, got -5"),
+    (["train.max_bad_steps=0"], "train.max_bad_steps must be positive, got 0"),
+])
+def test_out_of_range_values(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_range_edges_are_accepted():
+    cfg = load_config("tiny", ["optim.beta1=0", "optim.beta2=0.999", "optim.eps=0", "optim.warmup_steps=0",
+                               "optim.lr=0", "optim.min_lr=0", "log.interval=1", "train.steps=1"])
+    assert cfg.optim.beta2 == 0.999 and cfg.train.steps == 1
+    # with validation off, its batch count is not used
+    assert load_config("tiny", ["train.eval_interval=0", "train.eval_batches=0"]).train.eval_batches == 0
 
 
 def test_world_size_must_match_parallel_sizes():

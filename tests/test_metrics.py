@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from llama_dist.distributed import init_distributed
-from llama_dist.metrics import gpu_peak_flops, measure_cpu_peak_flops
+from llama_dist.metrics import TensorBoard, gpu_peak_flops, measure_cpu_peak_flops
 from llama_dist.model import ModelArgs, Transformer, flops_per_token
 
 
@@ -54,3 +54,17 @@ def test_measured_cpu_peak_bounds_a_real_matmul():
         torch.mm(a, b)
     achieved = 3 * 2 * 256**3 / (time.perf_counter() - start)
     assert peak > 0 and achieved <= peak * 1.5  # a peak that a plain matmul does not beat
+
+
+def test_a_fresh_start_in_a_used_run_dir_logs_each_step_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # a run that crashed before its first checkpoint, then restarted from step 0 in the same dir
+    for _ in range(2):
+        board = TensorBoard(tmp_path, enabled=True, resume_step=0)
+        for step in (1, 2, 3):
+            board.scalars(step, {"loss/train": float(step)})
+        board.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2, 3]
