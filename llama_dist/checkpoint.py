@@ -202,13 +202,13 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: in
 # --------------------------------------------------------------------------- load
 
 
-def check_compatible(ckpt_dir: Path, cfg: Config, info: DistInfo) -> None:
+def check_compatible(ckpt_dir: Path, cfg: Config, mp_size: int) -> None:
     """Meta's MP == len(checkpoints) convention and params.json against the config."""
     shards = shard_paths(ckpt_dir)
-    if len(shards) != info.mp_size:
+    if len(shards) != mp_size:
         raise UserError(
-            f"checkpoint {ckpt_dir} has MP={len(shards)} shards but this run has parallel.mp={info.mp_size}; "
-            f"set parallel.mp={len(shards)} or run `llama-dist reshard {ckpt_dir} NEW_DIR --mp {info.mp_size}`"
+            f"checkpoint {ckpt_dir} has MP={len(shards)} shards but this run has parallel.mp={mp_size}; "
+            f"set parallel.mp={len(shards)} or run `llama-dist reshard {ckpt_dir} NEW_DIR --mp {mp_size}`"
         )
     saved = read_params(ckpt_dir).params_json()
     wanted = cfg.model.params_json()
@@ -224,7 +224,7 @@ def load_checkpoint(
     ckpt_dir: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], cfg: Config, info: DistInfo,
 ) -> dict[str, Any]:
     """Load this rank's part of a committed checkpoint; returns the train state."""
-    check_compatible(ckpt_dir, cfg, info)
+    check_compatible(ckpt_dir, cfg, info.mp_size)
     names = [shard_file(info.mp_rank), TRAIN_STATE]
     if optimizer is not None:
         names.append(optimizer_file(info.mp_rank))

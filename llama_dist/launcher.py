@@ -23,25 +23,37 @@ def torchrun_command(module: str, argv: list[str], nproc: int) -> list[str]:
             f"--nproc_per_node={nproc}", "-m", module, *argv]
 
 
+SHUTDOWN_TIMEOUT_S = 600  # how long torchrun lets its ranks finish a step and save after SIGTERM
+
+
 def relaunch(module: str, argv: list[str], nproc: int) -> int:
     """Run `python -m module argv` on nproc local ranks; returns torchrun's exit code.
 
-    SIGTERM, SIGUSR1 and SIGINT sent to this process reach the ranks as SIGTERM
-    (torchrun forwards only that one), so `kill` of the launcher means "save and
-    stop" exactly as it does for a single process. OMP_NUM_THREADS defaults to
-    cores / nproc so the ranks do not oversubscribe the CPU.
+    SIGTERM, SIGUSR1, SIGINT and SIGHUP sent to this process reach the ranks as
+    SIGTERM (torchrun forwards only that one), so `kill` of the launcher, Ctrl-C or a
+    closed terminal means "save and stop" exactly as it does for a single process.
+    torchrun runs in its own session for that: in ours, Ctrl-C would reach it too,
+    and it would hand its ranks a SIGINT, which stops them without a save. It waits
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for them (default here 600 s, not its 30 s,
+    which a large model's save outlasts) before it kills them. OMP_NUM_THREADS
+    defaults to cores / nproc so the ranks do not oversubscribe the CPU.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    child = subprocess.Popen(torchrun_command(module, argv, nproc), env=env)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    child = subprocess.Popen(torchrun_command(module, argv, nproc), env=env, start_new_session=True)
 
     def forward(_signum, _frame):
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in signals}
     try:
         return child.wait()
+    except BaseException:
+        child.kill()  # this process is going away: do not leave torchrun running on its own
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

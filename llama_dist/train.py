@@ -36,7 +36,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from llama_dist import distributed
 from llama_dist.allocator import keep_freed_memory
-from llama_dist.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from llama_dist.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                   save_checkpoint)
+from llama_dist.checkpoint_files import TRAIN_STATE
 from llama_dist.config import Config, load_config, validate
 from llama_dist.distributed import DistInfo, get_logger
 from llama_dist.errors import UserError
@@ -142,6 +144,8 @@ class Trainer:
                            expected_vocab_size=cfg.model.vocab_size)
         self.loader = TokenLoader(cfg.data.dir, "train", verify_checksums=cfg.data.verify_checksums, **loader_args)
         self.make_val_loader = lambda: TokenLoader(cfg.data.dir, "val", **loader_args)
+        if cfg.train.eval_interval:
+            self.make_val_loader()  # a val split too small for one batch is refused now, not at the first eval
         self.batches: Iterator = iter(self.loader)
 
         self.step = 0
@@ -155,12 +159,7 @@ class Trainer:
     # ----------------------------------------------------------------- state
 
     def resume(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is not None and not self.cfg.checkpoint.resume:
-            # a fresh run here would save beside them, and a later resume could pick up the old run
-            raise UserError(f"{self.run_dir} already holds checkpoints (the latest is {ckpt.name}) and "
-                            f"checkpoint.resume=false; choose a new train.run_dir, or delete "
-                            f"{self.run_dir / 'checkpoints'} to start over")
+        ckpt = resume_point(self.cfg, self.info.mp_size)
         if ckpt is None:
             return
         state = load_checkpoint(ckpt, self.model, self.optimizer, self.cfg, self.info)
@@ -248,9 +247,27 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
 
-    def run(self) -> int:
+    def run(self, stop: Optional[StopSignal] = None) -> int:
+        if stop is not None:
+            return self._loop(stop)
         with StopSignal() as stop:
             return self._loop(stop)
+
+    def any_rank_stopped(self, stop: StopSignal) -> bool:
+        """Whether a stop signal reached any rank; every rank must call this at the same point."""
+        flag = torch.tensor(1.0 if stop.received else 0.0, device=self.device)
+        if dist.is_initialized() and self.info.world_size > 1:
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def stop_for_requeue(self, stop: StopSignal, last_saved: int) -> int:
+        if last_saved != self.step:
+            self.save()
+        if self.info.is_rank0:
+            (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
+        log.warning(f"received {stop.received or 'a stop signal on another rank'}: saved step "
+                    f"{self.step}; exiting with {EXIT_PREEMPTED} so the job can be requeued")
+        return EXIT_PREEMPTED
 
     def _loop(self, stop: StopSignal) -> int:
         cfg, info = self.cfg, self.info
@@ -303,25 +320,25 @@ class Trainer:
                         "skipped_steps": self.skipped_steps})
                     window_start, window_steps = time.perf_counter(), 0
 
+                if stop_now and self.step < cfg.train.steps:  # on the last step: finish as usual
+                    return self.stop_for_requeue(stop, last_saved)  # no validation first: the save is due
+
+                paused, started = False, time.perf_counter()
                 if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.steps):
-                    started = time.perf_counter()
                     val = self.validate()
                     log.info(f"step {self.step} | val loss {val['loss']:.4f} | val perplexity {val['perplexity']:.2f}")
                     board.scalars(self.step, {"loss/val": val["loss"], "perplexity/val": val["perplexity"]})
-                    # validation time is not training throughput: the window's clock skips it, keeping its steps
-                    window_start += time.perf_counter() - started
-
-                if stop_now and self.step < cfg.train.steps:  # on the last step: finish as usual
-                    if last_saved != self.step:
-                        self.save()
-                    if info.is_rank0:
-                        (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
-                    log.warning(f"received {stop.received or 'a stop signal on another rank'}: saved step "
-                                f"{self.step}; exiting with {EXIT_PREEMPTED} so the job can be requeued")
-                    return EXIT_PREEMPTED
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    paused = True
+                # during a run of bad steps an interval save would push out the last good checkpoint
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and consecutive_bad == 0:
                     self.save()
-                    last_saved = self.step
+                    last_saved, paused = self.step, True
+                if paused:
+                    # neither is training throughput: the window's clock skips them, keeping its steps
+                    window_start += time.perf_counter() - started
+                    # a signal that came meanwhile is acted on now, not after one more step
+                    if self.step < cfg.train.steps and self.any_rank_stopped(stop):
+                        return self.stop_for_requeue(stop, last_saved)
             if last_saved != self.step:
                 self.save()
             log.info(f"done: {self.step} steps, {self.tokens_seen:,} tokens, {self.skipped_steps} skipped; "
@@ -337,22 +354,38 @@ def clear_markers(run_dir: Path) -> None:
         (run_dir / marker).unlink(missing_ok=True)
 
 
+def resume_point(cfg: Config, mp_size: int) -> Optional[Path]:
+    """The checkpoint a run resumes from, checked against the config; None for a fresh start."""
+    run_dir = Path(cfg.train.run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and not cfg.checkpoint.resume:
+        # a fresh run here would save beside them, and a later resume could pick up the old run
+        raise UserError(f"{run_dir} already holds checkpoints (the latest is {ckpt.name}) and "
+                        f"checkpoint.resume=false; choose a new train.run_dir, or delete "
+                        f"{run_dir / 'checkpoints'} to start over")
+    if ckpt is not None:
+        check_compatible(ckpt, cfg, mp_size)
+    return ckpt
+
+
 def train(cfg: Config) -> int:
-    info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device)
-    if info.device.type == "cpu":
-        keep_freed_memory()
-    try:
-        validate(cfg, world_size=info.world_size)
-        run_dir = Path(cfg.train.run_dir)
-        if info.is_rank0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            clear_markers(run_dir)
-        distributed.barrier()
-        trainer = Trainer(cfg, info)
-        trainer.resume()
-        return trainer.run()
-    finally:
-        distributed.shutdown()
+    # from the start: a preemption while the model builds or loads still ends in a save at the first step
+    with StopSignal() as stop:
+        info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device)
+        if info.device.type == "cpu":
+            keep_freed_memory()
+        try:
+            validate(cfg, world_size=info.world_size)
+            run_dir = Path(cfg.train.run_dir)
+            if info.is_rank0:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                clear_markers(run_dir)
+            distributed.barrier()
+            trainer = Trainer(cfg, info)
+            trainer.resume()
+            return trainer.run(stop)
+        finally:
+            distributed.shutdown()
 
 
 # --------------------------------------------------------------------------- command line
@@ -364,9 +397,16 @@ def preflight(cfg: Config, world_size: int) -> None:
 
     validate(cfg, world_size=world_size)
     dp_size = world_size // cfg.parallel.mp
-    for split in ("train", "val") if cfg.train.eval_interval else ("train",):
-        TokenLoader(cfg.data.dir, split, cfg.data.seq_len, cfg.data.micro_batch_size, 0, dp_size,
-                    seed=cfg.data.seed, expected_vocab_size=cfg.model.vocab_size)
+    loaders = {split: TokenLoader(cfg.data.dir, split, cfg.data.seq_len, cfg.data.micro_batch_size, 0, dp_size,
+                                  seed=cfg.data.seed, expected_vocab_size=cfg.model.vocab_size)
+               for split in (("train", "val") if cfg.train.eval_interval else ("train",))}
+    ckpt = resume_point(cfg, cfg.parallel.mp)
+    if ckpt is not None:  # the loader's position must fit this data and batch (its sha256 is the ranks' to check)
+        try:
+            loader_state = json.loads((ckpt / TRAIN_STATE).read_text())["loader"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # a damaged file: the ranks' manifest check names it
+        loaders["train"].load_state_dict(loader_state)
 
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from llama_dist.checkpoint import committed_checkpoints, is_committed
 from llama_dist.train import DIVERGED_MARKER, EXIT_DIVERGED, EXIT_PREEMPTED, PREEMPTED_MARKER
@@ -24,9 +25,9 @@ def _env(**extra):
     return env
 
 
-def _run_until_step(cmd, step, timeout=120):
+def _run_until_step(cmd, step, timeout=120, **popen):
     """Start training and return the process once it has logged `step N/`."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), **popen)
     deadline = time.monotonic() + timeout
     lines = []
     for line in proc.stdout:
@@ -37,6 +38,10 @@ def _run_until_step(cmd, step, timeout=120):
             break
     proc.kill()
     raise AssertionError("training never reached step %d:\n%s" % (step, "".join(lines)))
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def _finish(proc, lines, timeout=120):
@@ -72,6 +77,53 @@ def test_sigusr1_to_the_launcher_reaches_both_torchrun_ranks(data_dir, tmp_path)
     ckpt = committed_checkpoints(run)[-1][1]
     assert ckpt.name == f"step-{saved:06d}"
     assert sorted(p.name for p in ckpt.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+
+
+def test_ctrl_c_in_a_terminal_saves_and_exits_with_the_preempted_code(data_dir, tmp_path):
+    """Ctrl-C sends SIGINT to the terminal's whole foreground process group. Were torchrun in
+    it, it would hand its ranks a SIGINT, which stops them without a save (and exits 1)."""
+    run = tmp_path / "run"
+    cmd = _command(data_dir, run, "train.steps=100000", "parallel.mp=2", nproc=2)
+    proc, lines = _run_until_step(cmd, 2, start_new_session=True)  # a process group, as a shell's job
+    torchrun = _children(proc.pid)
+    processes = [proc.pid, *torchrun, *(pid for parent in torchrun for pid in _children(parent))]
+    try:
+        # which signal torchrun would pass on is a race; that it is outside the group is not
+        assert len(torchrun) == 1 and os.getpgid(torchrun[0]) != proc.pid
+        os.killpg(proc.pid, signal.SIGINT)
+        output = _finish(proc, lines)
+    finally:  # on a failure, no training left running for 100000 steps
+        for pid in processes:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == EXIT_PREEMPTED, output
+    saved = json.loads((run / PREEMPTED_MARKER).read_text())["step"]
+    assert committed_checkpoints(run)[-1][1].name == f"step-{saved:06d}"
+
+
+def test_torchrun_waits_long_enough_for_the_save(monkeypatch):
+    """torchrun kills its ranks 30 s after SIGTERM by default; a large model's save takes longer."""
+    from llama_dist import launcher
+
+    started = {}
+
+    class Child:
+        def __init__(self, command, env, **kwargs):
+            started.update(command=command, env=env, **kwargs)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.setattr(launcher.subprocess, "Popen", Child)
+    assert launcher.relaunch("llama_dist.train", ["tiny"], 2) == 0
+    assert started["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(launcher.SHUTDOWN_TIMEOUT_S)
+    assert launcher.SHUTDOWN_TIMEOUT_S >= 300 and started["start_new_session"] is True
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")  # the user's own choice stands
+    launcher.relaunch("llama_dist.train", ["tiny"], 2)
+    assert started["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "45"
 
 
 def test_rank_killed_while_saving_leaves_the_previous_checkpoint(data_dir, tmp_path):

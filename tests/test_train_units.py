@@ -2,10 +2,13 @@
 incompatible or corrupt checkpoints, the rank-0 step line, and torch.compile."""
 
 import io
+import json
 import logging
 import math
+import os
 import re
 import shutil
+import signal
 import time
 
 import pytest
@@ -345,3 +348,144 @@ def test_a_stop_signal_on_the_last_step_finishes_the_run(data_dir, tmp_path, mon
     assert train(tiny_config(data_dir, tmp_path / "early", "train.steps=5")) == EXIT_PREEMPTED
     assert latest_checkpoint(tmp_path / "early").name == "step-000002"
     assert (tmp_path / "early" / PREEMPTED_MARKER).exists()
+
+
+def test_preflight_refuses_what_the_ranks_would_refuse_in_one_line(data_dir, committed_run, tmp_path, monkeypatch,
+                                                                   capsys):
+    """`--nproc 2` checks the checkpoint it would resume before any rank starts: one line, exit 2."""
+    from llama_dist import launcher
+    from llama_dist.cli import main
+    from llama_dist.train import preflight
+    from test_train import TINY
+
+    run = _copy(committed_run, tmp_path)
+    cases = {"parallel.mp=2": "has MP=1 shards but this run has parallel.mp=2",
+             "checkpoint.resume=false": "checkpoint.resume=false; choose a new train.run_dir",
+             "model.n_layers=3": "n_layers=2 in params.json but the config has model.n_layers=3",
+             "data.seed=9": "the saved loader state has seed="}
+    for override, message in cases.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            preflight(tiny_config(data_dir, run, override), world_size=2)
+    preflight(tiny_config(data_dir, run), world_size=2)  # as saved: fine
+
+    monkeypatch.setattr(launcher, "relaunch", lambda *args: pytest.fail("started the ranks"))
+    argv = ["tiny", *TINY, f"data.dir={data_dir}", f"train.run_dir={run}", "parallel.mp=2", "--nproc", "2"]
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "llama-dist reshard" in err, err
+
+
+def test_a_val_split_too_small_for_a_batch_is_refused_before_the_first_step(data_dir, tmp_path, monkeypatch):
+    from llama_dist.loader import TokenLoader
+    from llama_dist.train import Trainer
+
+    val_tokens = TokenLoader(data_dir, "val", 32, 1, 0, 1).n_tokens
+    batch = val_tokens // 32 + 1  # one sequence more than the val split holds
+    monkeypatch.setattr(Trainer, "train_step", lambda *args: pytest.fail("trained before checking the val split"))
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.eval_interval=2", f"data.micro_batch_size={batch}")
+    with pytest.raises(UserError, match="val split .* fewer than one global batch"):
+        train(cfg)
+
+
+def _record_saves(monkeypatch, then=None) -> list[int]:
+    """Patch Trainer.save to note each step it saves (and run `then(trainer)` after the save)."""
+    from llama_dist.train import Trainer
+
+    save, saved = Trainer.save, []
+
+    def recording(self):
+        saved.append(self.step)
+        path = save(self)
+        if then is not None:
+            then(self)
+        return path
+
+    monkeypatch.setattr(Trainer, "save", recording)
+    return saved
+
+
+def test_a_signal_during_an_interval_save_stops_right_after_it(data_dir, tmp_path, monkeypatch):
+    """No extra step and second save: the ranks agree on the signal once the save is done."""
+    from llama_dist.train import EXIT_PREEMPTED, PREEMPTED_MARKER
+
+    saved = _record_saves(monkeypatch, then=lambda _: os.kill(os.getpid(), signal.SIGUSR1))
+    run = tmp_path / "run"
+    assert train(tiny_config(data_dir, run, "train.steps=6", "checkpoint.interval=2")) == EXIT_PREEMPTED
+    assert saved == [2]
+    assert json.loads((run / PREEMPTED_MARKER).read_text()) == {"step": 2}
+
+
+def test_a_stop_on_an_eval_step_saves_without_validating_first(data_dir, tmp_path, monkeypatch):
+    from llama_dist.train import EXIT_PREEMPTED, Trainer
+
+    train_step, validated = Trainer.train_step, []
+
+    def stop_at_step_2(self, *args):
+        loss, norm, skipped, stop_now = train_step(self, *args)
+        return loss, norm, skipped, stop_now or self.step + 1 == 2
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_step_2)
+    monkeypatch.setattr(Trainer, "validate", lambda self: validated.append(self.step))
+    saved = _record_saves(monkeypatch)
+    assert train(tiny_config(data_dir, tmp_path / "run", "train.steps=6", "train.eval_interval=2")) == EXIT_PREEMPTED
+    assert saved == [2] and validated == []
+
+
+def test_a_signal_while_the_run_starts_is_a_save_at_the_first_step(data_dir, tmp_path, monkeypatch):
+    """SIGTERM while the model builds or a checkpoint loads (minutes for a large one) is kept."""
+    from llama_dist.train import EXIT_PREEMPTED, PREEMPTED_MARKER, Trainer
+
+    # where the trainer's own handler is missing, this one keeps pytest alive and the run finishes (0)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    resume = Trainer.resume
+
+    def resume_under_a_signal(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        resume(self)
+
+    monkeypatch.setattr(Trainer, "resume", resume_under_a_signal)
+    run = tmp_path / "run"
+    try:
+        code = train(tiny_config(data_dir, run, "train.steps=4"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == EXIT_PREEMPTED
+    assert json.loads((run / PREEMPTED_MARKER).read_text()) == {"step": 1}
+    assert latest_checkpoint(run).name == "step-000001"
+
+
+def test_no_interval_save_during_a_run_of_bad_steps(data_dir, tmp_path, monkeypatch):
+    """With keep_last=1 a save at step 4 (after a non-finite step) would delete step 2, the last
+    checkpoint taken before the bad run began; the next save comes once a step is good again."""
+    monkeypatch.setenv("LLAMA_DIST_FAULT_NAN", "3,4")  # the updates of steps 4 and 5
+    saved = _record_saves(monkeypatch)
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=1",
+                      "train.max_bad_steps=5")
+    assert train(cfg) == 0
+    assert saved == [2, 6]
+
+
+def test_save_time_is_left_out_of_throughput(data_dir, tmp_path, monkeypatch):
+    """As for validation: a save inside a log window is not training time. Counted, the 4 steps
+    would take at least 4 + 5 step times; left out, under that (the tiny model's steps are fast)."""
+    from llama_dist.train import Trainer
+
+    step_s = 0.2
+    train_step, save = Trainer.train_step, Trainer.save
+
+    def slow_step(self, *args):
+        time.sleep(step_s)
+        return train_step(self, *args)
+
+    def slow_save(self):
+        time.sleep(5 * step_s)
+        return save(self)
+
+    monkeypatch.setattr(Trainer, "train_step", slow_step)
+    monkeypatch.setattr(Trainer, "save", slow_save)
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=4", "log.interval=4", "checkpoint.interval=2")
+    printed = _train_printing(cfg)
+    line = next(STEP_LINE.match(text) for text in printed.splitlines() if text.startswith("step 4/"))
+    tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch_size
+    tokens_per_sec = float(line["tps"].replace(",", ""))
+    assert 4 * tokens_per_step / (9 * step_s) < tokens_per_sec <= tokens_per_step / step_s
