@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llama_dist.config import load_config
+from llama_dist.sources import parse_size
 
 
 def stage(number: int, text: str) -> None:
@@ -55,7 +56,8 @@ def demo(root: Path, steps: int, max_bytes: int, prompt: str, max_gen_len: int) 
         shutil.rmtree(run_dir)
 
     device = "GPU (nccl, bf16)" if gpus else "CPU (gloo, fp32)"
-    stage(3, f"train the tiny model: torchrun on {nproc} processes, mp={nproc}, {device}")
+    how = f"torchrun on {nproc} processes" if nproc > 1 else "in this process (one GPU)"
+    stage(3, f"train the tiny model: {how}, mp={nproc}, {device}")
     overrides = [f"parallel.mp={nproc}", f"data.dir={data_dir}", f"train.run_dir={run_dir}",
                  f"train.steps={steps}", f"checkpoint.interval={steps}", f"log.interval={max(1, steps // 10)}",
                  f"train.eval_interval={max(1, steps // 2)}"]
@@ -101,8 +103,8 @@ def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llama-dist demo", description=__doc__.split("\n")[0])
     parser.add_argument("--dir", default=".", help="where data/ and runs/ go (default: here)")
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--max-bytes", type=int, default=8_000_000,
-                        help="how much of the standard library to use (default 8 MB)")
+    parser.add_argument("--max-bytes", type=parse_size, default=8_000_000,
+                        help="how much of the standard library to use, e.g. 20M (default 8 MB)")
     parser.add_argument("--prompt", default="def ", help="the generation prompt")
     parser.add_argument("--max-gen-len", type=int, default=64)
     args = parser.parse_args(argv)
