@@ -42,6 +42,7 @@ from llama_dist.checkpoint_files import TRAIN_STATE
 from llama_dist.config import Config, load_config, validate
 from llama_dist.distributed import DistInfo, get_logger
 from llama_dist.errors import UserError
+from llama_dist.files import atomic_write_text
 from llama_dist.metrics import TensorBoard, device_peak_flops, format_duration, memory_gib
 from llama_dist.model import Transformer, flops_per_token
 
@@ -49,6 +50,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGUSR1; reque
 EXIT_DIVERGED = 3  # too many consecutive NaN/Inf steps; the last good checkpoint is kept
 PREEMPTED_MARKER = "PREEMPTED"
 DIVERGED_MARKER = "DIVERGED"  # torchrun reports every failed worker as 1: the markers tell 75 and 3 apart
+ERROR_MARKER = "ERROR"  # ERROR.<rank>: an expected mistake a rank met, for `--nproc` to report as one line and 2
 
 log = get_logger("llama_dist.train")
 
@@ -349,9 +351,22 @@ class Trainer:
 
 
 def clear_markers(run_dir: Path) -> None:
-    """An earlier run's PREEMPTED or DIVERGED must not speak for this one."""
+    """An earlier run's PREEMPTED, DIVERGED or ERROR must not speak for this one."""
     for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):
         (run_dir / marker).unlink(missing_ok=True)
+    for marker in run_dir.glob(f"{ERROR_MARKER}.*"):
+        marker.unlink(missing_ok=True)
+
+
+def rank_error(run_dir: Path) -> Optional[str]:
+    """The lowest rank's expected mistake, left by a run under torchrun, if any."""
+    found = sorted(run_dir.glob(f"{ERROR_MARKER}.*"), key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
+    for marker in found:
+        try:
+            return json.loads(marker.read_text())["error"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def resume_point(cfg: Config, mp_size: int) -> Optional[Path]:
@@ -384,6 +399,12 @@ def train(cfg: Config) -> int:
             trainer = Trainer(cfg, info)
             trainer.resume()
             return trainer.run(stop)
+        except UserError as err:
+            if info.world_size > 1:  # torchrun turns it into 1 and a traceback; this keeps the line
+                marker = Path(cfg.train.run_dir) / f"{ERROR_MARKER}.{info.rank}"
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(marker, json.dumps({"rank": info.rank, "error": str(err)}) + "\n")
+            raise
         finally:
             distributed.shutdown()
 
@@ -429,6 +450,9 @@ def cli(argv: list[str]) -> int:
             return EXIT_PREEMPTED
         if code != 0 and (run_dir / DIVERGED_MARKER).is_file():
             return EXIT_DIVERGED
+        error = rank_error(run_dir) if code != 0 else None
+        if error is not None:
+            raise UserError(error)  # the last line printed, and exit 2, whatever torchrun printed above it
         return code
     return train(cfg)
 

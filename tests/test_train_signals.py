@@ -159,3 +159,21 @@ def test_divergence_under_torchrun_exits_3_and_says_why(data_dir, tmp_path):
                            capture_output=True, text=True, timeout=180, env=_env())
     assert again.returncode == 0, again.stdout + again.stderr
     assert not (run / DIVERGED_MARKER).exists()
+
+
+def test_a_mistake_met_inside_the_ranks_ends_in_one_line_and_exit_2(data_dir, tmp_path):
+    """A corrupt shard passes `--nproc`'s checks and is found by the ranks' sha256 check;
+    torchrun reports it as 1 with its own traceback, so the last line must say what it was."""
+    run = tmp_path / "run"
+    first = subprocess.run(_command(data_dir, run, "train.steps=2", "checkpoint.interval=2"),
+                           capture_output=True, text=True, env=_env(), timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    shard = committed_checkpoints(run)[-1][1] / "consolidated.00.pth"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = subprocess.run(_command(data_dir, run, "train.steps=4", nproc=2),
+                            capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("llama-dist train: error: ") and "sha256" in last and shard.name in last, last
