@@ -269,29 +269,34 @@ def test_a_flipped_byte_in_the_rng_state_fails_the_sha256_check(data_dir, commit
         train(tiny_config(data_dir, run, "train.steps=4"))
 
 
-def test_validation_time_does_not_inflate_throughput(data_dir, tmp_path, monkeypatch):
-    """With validation inside a log window, tok/s still counts every step of the window over
-    the training time of those steps; each step here takes at least STEP_S seconds."""
+@pytest.mark.parametrize("pause, override", [("validate", "train.eval_interval=2"),
+                                             ("save", "checkpoint.interval=2")])
+def test_validation_and_save_time_are_left_out_of_throughput(data_dir, tmp_path, monkeypatch, pause, override):
+    """A validation or a save inside a log window is not training time: tok/s counts every step
+    of the window over those steps' own time. Each step takes at least STEP_S and the pause
+    5 * STEP_S, so counted, the 4 steps would take 9 step times; left out, under that (the tiny
+    model's steps are fast), and never under 4 (that would inflate it)."""
     from llama_dist.train import Trainer
 
     step_s = 0.2
-    train_step, validate = Trainer.train_step, Trainer.validate
+    train_step, paused = Trainer.train_step, getattr(Trainer, pause)
 
     def slow_step(self, *args):
         time.sleep(step_s)
         return train_step(self, *args)
 
-    def slow_validate(self):
-        time.sleep(3 * step_s)
-        return validate(self)
+    def slow_pause(self):
+        time.sleep(5 * step_s)
+        return paused(self)
 
     monkeypatch.setattr(Trainer, "train_step", slow_step)
-    monkeypatch.setattr(Trainer, "validate", slow_validate)
-    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=4", "log.interval=4", "train.eval_interval=2")
+    monkeypatch.setattr(Trainer, pause, slow_pause)
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=4", "log.interval=4", override)
     printed = _train_printing(cfg)
     line = next(STEP_LINE.match(text) for text in printed.splitlines() if text.startswith("step 4/"))
     tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch_size
-    assert float(line["tps"].replace(",", "")) <= tokens_per_step / step_s
+    tokens_per_sec = float(line["tps"].replace(",", ""))
+    assert 4 * tokens_per_step / (9 * step_s) < tokens_per_sec <= tokens_per_step / step_s
 
 
 def test_save_shard_writes_each_tensor_alone_and_returns_the_files_sha256(tmp_path):
@@ -463,29 +468,3 @@ def test_no_interval_save_during_a_run_of_bad_steps(data_dir, tmp_path, monkeypa
                       "train.max_bad_steps=5")
     assert train(cfg) == 0
     assert saved == [2, 6]
-
-
-def test_save_time_is_left_out_of_throughput(data_dir, tmp_path, monkeypatch):
-    """As for validation: a save inside a log window is not training time. Counted, the 4 steps
-    would take at least 4 + 5 step times; left out, under that (the tiny model's steps are fast)."""
-    from llama_dist.train import Trainer
-
-    step_s = 0.2
-    train_step, save = Trainer.train_step, Trainer.save
-
-    def slow_step(self, *args):
-        time.sleep(step_s)
-        return train_step(self, *args)
-
-    def slow_save(self):
-        time.sleep(5 * step_s)
-        return save(self)
-
-    monkeypatch.setattr(Trainer, "train_step", slow_step)
-    monkeypatch.setattr(Trainer, "save", slow_save)
-    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=4", "log.interval=4", "checkpoint.interval=2")
-    printed = _train_printing(cfg)
-    line = next(STEP_LINE.match(text) for text in printed.splitlines() if text.startswith("step 4/"))
-    tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch_size
-    tokens_per_sec = float(line["tps"].replace(",", ""))
-    assert 4 * tokens_per_step / (9 * step_s) < tokens_per_sec <= tokens_per_step / step_s
