@@ -52,7 +52,9 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
     try:
         return child.wait()
     except BaseException:
-        child.kill()  # this process is going away: do not leave torchrun running on its own
+        # this process is going away: stop torchrun as a signal would (its ranks, each in a
+        # session of its own, would outlive a SIGKILL of torchrun)
+        child.terminate()
         raise
     finally:
         for sig, handler in previous.items():
