@@ -33,6 +33,9 @@ from llama_dist.reshard_cli import DTYPE_NAMES
 from llama_dist.sharded_source import PathLike, iter_merged_tensors
 
 MAX_SHARD_BYTES = 2 << 30  # one safetensors file is held in memory while it is written
+# transformers' name and parameters for Llama 3.1's stretched rotary (model.stretch_slow_frequencies)
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
 LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -114,6 +117,7 @@ def hf_config(args: ModelArgs, vocab_size: int, dtype: torch.dtype, max_position
               special: dict) -> dict:
     """config.json; norm_eps and rope_theta spelled out, since transformers' defaults differ."""
     dtype_name = str(dtype).removeprefix("torch.")
+    rope_scaling = LLAMA31_ROPE if args.use_scaled_rope else {"rope_type": "default"}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -126,7 +130,8 @@ def hf_config(args: ModelArgs, vocab_size: int, dtype: torch.dtype, max_position
         "hidden_act": "silu",
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.theta,  # transformers < 5 reads this key
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.theta},  # and >= 5 this one
+        "rope_parameters": {"rope_theta": args.theta, **rope_scaling},  # and >= 5 this one
+        **({"rope_scaling": rope_scaling} if args.use_scaled_rope else {}),  # < 5: Llama 3.1's
         "vocab_size": vocab_size,
         "max_position_embeddings": max_positions,
         "tie_word_embeddings": False,

@@ -104,6 +104,8 @@ def check_params(path: str | os.PathLike, args: ModelArgs) -> None:
         optional = key != "norm_eps"  # None is Meta's default for the other two
         if (value is not None or not optional) and (not _is_number(value) or not 0 < value < float("inf")):
             raise bad(key, value, "a positive number" + (" (or absent)" if optional else ""))
+    if not isinstance(args.use_scaled_rope, bool):
+        raise bad("use_scaled_rope", args.use_scaled_rope, "true or false")
     # dim need not divide evenly: like Meta's, the model's heads span n_heads * (dim // n_heads)
     if args.head_dim < 2 or args.head_dim % 2:
         raise UserError(f"{path} has dim={args.dim} and n_heads={args.n_heads}, a head width dim // n_heads of "

@@ -42,9 +42,21 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def precompute_rope(head_dim: int, end: int, theta: float) -> torch.Tensor:
+def stretch_slow_frequencies(freqs: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1's long-context rotary: pairs that turn more slowly than once in 8192 tokens
+    turn 8x slower still, those faster than 4 turns in 8192 are kept, and in between the two
+    blend linearly (Meta's constants: factor 8, frequency factors 1 and 4, context 8192)."""
+    factor, low, high, context = 8.0, 1.0, 4.0, 8192
+    turns = context / (2 * math.pi / freqs)  # turns in the original context
+    blend = ((turns - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - blend) * freqs / factor + blend * freqs
+
+
+def precompute_rope(head_dim: int, end: int, theta: float, scaled: bool = False) -> torch.Tensor:
     """cos and sin of each position times each pair's frequency: (end, head_dim/2, 2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    if scaled:
+        freqs = stretch_slow_frequencies(freqs)
     angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)  # (end, hd/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
@@ -184,8 +196,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=init_in)
         # positions up to 2 * max_seq_len, as Meta precomputes; not saved in checkpoints
-        self.register_buffer("rope", precompute_rope(args.head_dim, args.max_seq_len * 2, args.theta),
-                             persistent=False)
+        rope = precompute_rope(args.head_dim, args.max_seq_len * 2, args.theta, args.use_scaled_rope)
+        self.register_buffer("rope", rope, persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> None:
         """Allocate the KV caches for decoding; training never calls this."""

@@ -13,7 +13,9 @@ class ModelArgs:
 
     rope_theta=None is the Llama 2 family (theta 10000, embedding split on dim);
     a rope_theta is the Llama 3 family (embedding split on the vocabulary), as in
-    Meta's two code bases, which tell the families apart by that key.
+    Meta's two code bases, which tell the families apart by that key. Llama 3.1 and
+    later add use_scaled_rope, which params.json carries only where it is true (Meta's
+    Llama 2 and 3 loaders do not know the key).
     """
 
     dim: int = 4096
@@ -25,6 +27,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: Optional[float] = None
+    use_scaled_rope: bool = False  # Llama 3.1+: the slow rotary frequencies stretched for long contexts
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
@@ -63,5 +66,5 @@ class ModelArgs:
     def params_json(self) -> dict:
         """The params.json that Meta's loader for this family accepts (no unknown keys)."""
         keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                "ffn_dim_multiplier", "norm_eps", "rope_theta"]
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+                "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope"]
+        return {k: getattr(self, k) for k in keys if getattr(self, k) not in (None, False)}

@@ -42,10 +42,16 @@ def tokenizer_model(tmp_path_factory) -> Path:
     return root / "sp.model"
 
 
-def make_checkpoint(path: Path, args: ModelArgs, tokenizer: Path) -> tuple[Path, Transformer]:
+def make_checkpoint(path: Path, args: ModelArgs, tokenizer: Path, attention_gain: float = 1.0
+                    ) -> tuple[Path, Transformer]:
+    """attention_gain scales wq and wk: sharper attention than a random init's near-uniform one."""
     init_distributed(mp=1)
     seed_everything(0)
     model = Transformer(args).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wq.weight.mul_(attention_gain)
+            layer.attention.wk.weight.mul_(attention_gain)
     path.mkdir()
     torch.save(model.state_dict(), path / "consolidated.00.pth")
     write_params(path, args)
@@ -92,6 +98,24 @@ def test_transformers_logits_equal_ours(tmp_path, tokenizer_model, rope_theta, m
     with torch.no_grad():
         ours = model(tokens)
     torch.testing.assert_close(hf_logits(out, tokens), ours, atol=1e-4, rtol=0)
+
+
+def test_llama31_stretched_rotary_exports_as_transformers_llama3_rope(tmp_path, tokenizer_model):
+    """use_scaled_rope (Llama 3.1) becomes transformers' "llama3" rope type, with the same logits.
+    Over these 64 positions the stretch moves our logits well past the tolerance, so the
+    parity would fail were either side to leave it out."""
+    args = dataclasses.replace(gqa_args(320, 500000.0), use_scaled_rope=True)
+    ckpt, model = make_checkpoint(tmp_path / "ckpt", args, tokenizer_model, attention_gain=8.0)
+    assert json.loads((ckpt / "params.json").read_text())["use_scaled_rope"] is True
+    export_hf(ckpt, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    plain = Transformer(dataclasses.replace(args, use_scaled_rope=False)).eval()
+    plain.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, unstretched = model(tokens), plain(tokens)
+    assert (ours - unstretched).abs().max() > 1e-3  # ten times the tolerance
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), ours, atol=1e-4, rtol=0)
 
 
 def test_without_the_rotary_permutation_the_logits_differ(tmp_path, tokenizer_model, monkeypatch):

@@ -68,6 +68,9 @@ RELEASES = {  # META_FORMAT.md's table, as Meta ships the files
                    "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1},
     "llama3-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
                   "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0},
+    "llama3.1-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+                    "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0,
+                    "use_scaled_rope": True},
 }
 
 
@@ -101,6 +104,7 @@ BAD_PARAMS = {  # a change to LLAMA2's params.json (dim 64, n_heads 8, n_kv_head
     "norm_eps_negative": ({"norm_eps": -1e-5}, r"norm_eps=-1e-05; it must be a positive number$"),
     "norm_eps_null": ({"norm_eps": None}, r"norm_eps=null; it must be a positive number$"),
     "rope_theta_string": ({"rope_theta": "500000"}, r'rope_theta="500000"; it must be a positive number \(or'),
+    "scaled_rope_string": ({"use_scaled_rope": "yes"}, r'use_scaled_rope="yes"; it must be true or false'),
     "ffn_dim_multiplier_zero": ({"ffn_dim_multiplier": 0}, r"ffn_dim_multiplier=0; it must be a positive number"),
     "odd_head_width": ({"dim": 72}, r"dim=72 and n_heads=8, a head width dim // n_heads of 9; .* even width"),
     "no_head_width": ({"dim": 6}, r"dim=6 and n_heads=8, a head width dim // n_heads of 0; .* even width"),

@@ -105,6 +105,37 @@ def test_model_args_accept_metas_params_json():
     assert "rope_theta" not in args.params_json()  # Llama 2's ModelArgs has no such key
     llama3 = load_config("llama3-8b").model
     assert llama3.params_json()["rope_theta"] == 500000.0 and llama3.vocab_parallel_embedding
+    assert "use_scaled_rope" not in llama3.params_json()  # nor Llama 3's: only 3.1's files carry it
+    llama31 = ModelArgs(**llama3.params_json(), use_scaled_rope=True)
+    assert llama31.params_json()["use_scaled_rope"] is True and ModelArgs(**llama31.params_json()) == llama31
+
+
+def test_llama31_rope_stretches_only_the_slow_frequencies():
+    """Against Meta's rule written out one frequency at a time: wavelengths under 8192/4 tokens
+    kept, over 8192 divided by 8, a linear blend between; Llama 3.1 8B's head width and theta."""
+    import math
+
+    from llama_dist.model import precompute_rope, stretch_slow_frequencies
+
+    head_dim, theta = 128, 500000.0
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    expected = []
+    for freq in freqs.tolist():
+        wavelength = 2 * math.pi / freq
+        if wavelength < 8192 / 4:
+            expected.append(freq)
+        elif wavelength > 8192 / 1:
+            expected.append(freq / 8)
+        else:
+            blend = (8192 / wavelength - 1) / (4 - 1)
+            expected.append((1 - blend) * freq / 8 + blend * freq)
+    stretched = stretch_slow_frequencies(freqs)
+    torch.testing.assert_close(stretched, torch.tensor(expected), rtol=1e-6, atol=0)
+    kept, divided = (stretched == freqs).sum().item(), torch.isclose(stretched, freqs / 8).sum().item()
+    assert kept > 0 and divided > 0 and kept + divided < len(freqs)  # all three kinds occur
+    angles = torch.outer(torch.arange(4).float(), stretched)
+    rope = precompute_rope(head_dim, 4, theta, scaled=True)
+    torch.testing.assert_close(rope, torch.stack([angles.cos(), angles.sin()], dim=-1))
 
 
 def test_activation_checkpointing_keeps_the_gradients(model, monkeypatch):

@@ -66,6 +66,16 @@ def test_llama3_splits_the_embedding_on_the_vocabulary(tmp_path):
         "consolidated.00.pth", "params.json", "tokenizer.model", "manifest.json", "COMMITTED"}
 
 
+def test_llama31_params_are_carried_over(tmp_path):
+    """Llama 3.1's use_scaled_rope (a key Llama 3's loader does not know) stays in params.json."""
+    args = dataclasses.replace(LLAMA3, use_scaled_rope=True)
+    weights = model_weights(args)
+    src = write_checkpoint(tmp_path / "src", args, weights, 2)
+    reshard(src, tmp_path / "mp1", 1)
+    assert read_params(tmp_path / "mp1") == read_params(src) and read_params(src).use_scaled_rope
+    assert_same(load(tmp_path / "mp1" / "consolidated.00.pth"), weights)
+
+
 def test_llama2_splits_the_embedding_on_the_model_dimension(tmp_path):
     weights = model_weights(LLAMA2)
     reshard(write_checkpoint(tmp_path / "mp1", LLAMA2, weights, 1), tmp_path / "mp2", 2)
