@@ -284,6 +284,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if (cfg.train.device, p.backend) in (("cuda", "gloo"), ("cpu", "nccl")):
         raise ConfigError(f"train.device={cfg.train.device} does not go with parallel.backend={p.backend}: "
                           f"use nccl for cuda and gloo for cpu, or parallel.backend=auto")
+    if m.use_scaled_rope and m.rope_theta is None:  # Meta's Llama 3.1 code would assume theta 500000
+        raise ConfigError("model.use_scaled_rope=true needs a model.rope_theta (Llama 3.1's is 500000.0)")
+    if not m.norm_eps > 0:
+        raise ConfigError(f"model.norm_eps must be positive, got {m.norm_eps}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     if world_size is not None:

@@ -56,11 +56,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str = "auto", backend: str = "auto") -> torch.device:
+    """The device the ranks train on; refuses what this machine cannot do (the launcher checks first)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    if backend == "nccl" and device == "cpu":  # train.device=auto on a machine without CUDA
+        raise ConfigError("parallel.backend=nccl needs a CUDA device and none is visible; "
+                          "use parallel.backend=gloo or auto")
     return torch.device(device)
 
 
@@ -70,10 +74,7 @@ def init_distributed(mp: int = 1, backend: str = "auto", device: str = "auto") -
     Without torchrun this is a world of one, so the same code runs in a plain
     `python` process. Calling it again in an initialised process reuses the groups.
     """
-    dev = pick_device(device)
-    if backend == "nccl" and dev.type == "cpu":  # train.device=auto on a machine without CUDA
-        raise ConfigError("parallel.backend=nccl needs a CUDA device and none is visible; "
-                          "use parallel.backend=gloo or auto")
+    dev = pick_device(device, backend)
     if not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"

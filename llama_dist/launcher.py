@@ -31,30 +31,41 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
 
     SIGTERM, SIGUSR1, SIGINT and SIGHUP sent to this process reach the ranks as
     SIGTERM (torchrun forwards only that one), so `kill` of the launcher, Ctrl-C or a
-    closed terminal means "save and stop" exactly as it does for a single process.
-    torchrun runs in its own session for that: in ours, Ctrl-C would reach it too,
-    and it would hand its ranks a SIGINT, which stops them without a save. It waits
-    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for them (default here 600 s, not its 30 s,
-    which a large model's save outlasts) before it kills them. OMP_NUM_THREADS
+    closed terminal means "save and stop" exactly as it does for a single process; a
+    signal this process ignores (SIGHUP under nohup) stays ignored. torchrun runs in
+    its own session for that: in ours, Ctrl-C would reach it too, and it would hand
+    its ranks a SIGINT, which stops them without a save. Only the first signal is
+    passed on: torchrun takes a second SIGTERM as "stop waiting" and would exit while
+    the ranks still save. It waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for them
+    (default here 600 s, not its 30 s, which a large model's save outlasts; torchrun
+    before 2026's releases ignores the variable) before it kills them. OMP_NUM_THREADS
     defaults to cores / nproc so the ranks do not oversubscribe the CPU.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     child = subprocess.Popen(torchrun_command(module, argv, nproc), env=env, start_new_session=True)
+    forwarded = []
 
-    def forward(_signum, _frame):
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+    def forward(signum, _frame):
+        if child.poll() is not None:
+            return
+        if forwarded:
+            print(f"{signal.Signals(signum).name}: still waiting for the ranks to save "
+                  f"(up to {env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} s)", file=sys.stderr, flush=True)
+            return
+        forwarded.append(signum)
+        child.send_signal(signal.SIGTERM)
 
     signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, forward) for sig in signals}
+    previous = {sig: signal.signal(sig, forward) for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         return child.wait()
     except BaseException:
         # this process is going away: stop torchrun as a signal would (its ranks, each in a
         # session of its own, would outlive a SIGKILL of torchrun)
-        child.terminate()
+        if not forwarded:
+            child.terminate()
         raise
     finally:
         for sig, handler in previous.items():

@@ -106,6 +106,8 @@ def check_params(path: str | os.PathLike, args: ModelArgs) -> None:
             raise bad(key, value, "a positive number" + (" (or absent)" if optional else ""))
     if not isinstance(args.use_scaled_rope, bool):
         raise bad("use_scaled_rope", args.use_scaled_rope, "true or false")
+    if args.use_scaled_rope and args.rope_theta is None:  # Meta's 3.1 code would assume theta 500000
+        raise UserError(f"{path} has use_scaled_rope but no rope_theta; Llama 3.1's params.json has both")
     # dim need not divide evenly: like Meta's, the model's heads span n_heads * (dim // n_heads)
     if args.head_dim < 2 or args.head_dim % 2:
         raise UserError(f"{path} has dim={args.dim} and n_heads={args.n_heads}, a head width dim // n_heads of "

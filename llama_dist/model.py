@@ -45,7 +45,9 @@ class RMSNorm(nn.Module):
 def stretch_slow_frequencies(freqs: torch.Tensor) -> torch.Tensor:
     """Llama 3.1's long-context rotary: pairs that turn more slowly than once in 8192 tokens
     turn 8x slower still, those faster than 4 turns in 8192 are kept, and in between the two
-    blend linearly (Meta's constants: factor 8, frequency factors 1 and 4, context 8192)."""
+    blend linearly (Meta's constants: factor 8, frequency factors 1 and 4, context 8192).
+    Meta's code applies them wherever params.json says use_scaled_rope; Llama 3.2's 1B and 3B
+    were released with factor 32 in their transformers configs, which this does not model."""
     factor, low, high, context = 8.0, 1.0, 4.0, 8192
     turns = context / (2 * math.pi / freqs)  # turns in the original context
     blend = ((turns - low) / (high - low)).clamp(0.0, 1.0)

@@ -67,4 +67,4 @@ class ModelArgs:
         """The params.json that Meta's loader for this family accepts (no unknown keys)."""
         keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                 "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope"]
-        return {k: getattr(self, k) for k in keys if getattr(self, k) not in (None, False)}
+        return {k: v for k in keys if (v := getattr(self, k)) is not None and v is not False}

@@ -358,9 +358,10 @@ def clear_markers(run_dir: Path) -> None:
         marker.unlink(missing_ok=True)
 
 
-def rank_error(run_dir: Path) -> Optional[str]:
+def rank_error(run_dir: str | os.PathLike) -> Optional[str]:
     """The lowest rank's expected mistake, left by a run under torchrun, if any."""
-    found = sorted(run_dir.glob(f"{ERROR_MARKER}.*"), key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
+    found = sorted(Path(run_dir).glob(f"{ERROR_MARKER}.*"),
+                   key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
     for marker in found:
         try:
             return json.loads(marker.read_text())["error"]
@@ -417,6 +418,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     from llama_dist.loader import TokenLoader
 
     validate(cfg, world_size=world_size)
+    distributed.pick_device(cfg.train.device, cfg.parallel.backend)
     dp_size = world_size // cfg.parallel.mp
     loaders = {split: TokenLoader(cfg.data.dir, split, cfg.data.seq_len, cfg.data.micro_batch_size, 0, dp_size,
                                   seed=cfg.data.seed, expected_vocab_size=cfg.model.vocab_size)

@@ -105,6 +105,8 @@ BAD_PARAMS = {  # a change to LLAMA2's params.json (dim 64, n_heads 8, n_kv_head
     "norm_eps_null": ({"norm_eps": None}, r"norm_eps=null; it must be a positive number$"),
     "rope_theta_string": ({"rope_theta": "500000"}, r'rope_theta="500000"; it must be a positive number \(or'),
     "scaled_rope_string": ({"use_scaled_rope": "yes"}, r'use_scaled_rope="yes"; it must be true or false'),
+    "scaled_rope_without_theta": ({"use_scaled_rope": True, "rope_theta": None},
+                                  r"has use_scaled_rope but no rope_theta"),
     "ffn_dim_multiplier_zero": ({"ffn_dim_multiplier": 0}, r"ffn_dim_multiplier=0; it must be a positive number"),
     "odd_head_width": ({"dim": 72}, r"dim=72 and n_heads=8, a head width dim // n_heads of 9; .* even width"),
     "no_head_width": ({"dim": 6}, r"dim=6 and n_heads=8, a head width dim // n_heads of 0; .* even width"),

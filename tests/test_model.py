@@ -106,6 +106,7 @@ def test_model_args_accept_metas_params_json():
     llama3 = load_config("llama3-8b").model
     assert llama3.params_json()["rope_theta"] == 500000.0 and llama3.vocab_parallel_embedding
     assert "use_scaled_rope" not in llama3.params_json()  # nor Llama 3's: only 3.1's files carry it
+    assert ModelArgs(norm_eps=0.0).params_json()["norm_eps"] == 0.0  # a zero is a value, unlike False
     llama31 = ModelArgs(**llama3.params_json(), use_scaled_rope=True)
     assert llama31.params_json()["use_scaled_rope"] is True and ModelArgs(**llama31.params_json()) == llama31
 

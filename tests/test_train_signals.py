@@ -126,6 +126,38 @@ def test_torchrun_waits_long_enough_for_the_save(monkeypatch):
     assert started["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "45"
 
 
+def test_the_launcher_passes_on_one_signal_and_leaves_ignored_ones_ignored(monkeypatch):
+    """Ctrl-C pressed three times must not make torchrun give up waiting for the save (a second
+    SIGTERM does), and `nohup llama-dist train --nproc N` must outlive the closed terminal."""
+    from llama_dist import launcher
+
+    sent = []
+
+    class Child:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def poll(self):
+            return None
+
+        def send_signal(self, sig):
+            sent.append(sig)
+
+        def wait(self):
+            for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGINT, signal.SIGUSR1):
+                os.kill(os.getpid(), sig)
+            return 0
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", Child)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    try:
+        assert launcher.relaunch("llama_dist.train", ["tiny"], 2) == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert sent == [signal.SIGTERM]
+
+
 def test_rank_killed_while_saving_leaves_the_previous_checkpoint(data_dir, tmp_path):
     run = tmp_path / "run"
     cmd = _command(data_dir, run, "train.steps=6", "checkpoint.interval=2", "parallel.mp=2", nproc=2)

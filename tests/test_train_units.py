@@ -468,3 +468,12 @@ def test_no_interval_save_during_a_run_of_bad_steps(data_dir, tmp_path, monkeypa
                       "train.max_bad_steps=5")
     assert train(cfg) == 0
     assert saved == [2, 6]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_nccl_without_cuda_is_refused_before_any_rank_starts(data_dir, tmp_path):
+    from llama_dist.train import preflight
+
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.device=auto", "parallel.backend=nccl")
+    with pytest.raises(UserError, match=r"^parallel.backend=nccl needs a CUDA device and none is visible; "):
+        preflight(cfg, world_size=2)
