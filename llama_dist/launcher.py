@@ -37,8 +37,8 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
     its ranks a SIGINT, which stops them without a save. Only the first signal is
     passed on: torchrun takes a second SIGTERM as "stop waiting" and would exit while
     the ranks still save. It waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for them
-    (default here 600 s, not its 30 s, which a large model's save outlasts; torchrun
-    before 2026's releases ignores the variable) before it kills them. OMP_NUM_THREADS
+    (default here 600 s, not its 30 s, which a large model's save outlasts; torch 2.13's
+    torchrun reads the variable, an older one may not) before it kills them. OMP_NUM_THREADS
     defaults to cores / nproc so the ranks do not oversubscribe the CPU.
     """
     env = dict(os.environ)
