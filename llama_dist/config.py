@@ -240,9 +240,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         "train.grad_accum_steps": cfg.train.grad_accum_steps, "train.steps": cfg.train.steps,
         "log.interval": cfg.log.interval,  # train.py logs when step % log.interval == 0
         "train.max_bad_steps": cfg.train.max_bad_steps,
+        "model.norm_eps": m.norm_eps,  # params.json needs one, and RMSNorm divides by it when x is 0
     }
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:  # written this way round so that NaN fails too
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.train.eval_interval > 0 and cfg.train.eval_batches <= 0:
         raise ConfigError(f"train.eval_batches must be positive, got {cfg.train.eval_batches}; "
@@ -286,8 +287,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"use nccl for cuda and gloo for cpu, or parallel.backend=auto")
     if m.use_scaled_rope and m.rope_theta is None:  # Meta's Llama 3.1 code would assume theta 500000
         raise ConfigError("model.use_scaled_rope=true needs a model.rope_theta (Llama 3.1's is 500000.0)")
-    if not m.norm_eps > 0:
-        raise ConfigError(f"model.norm_eps must be positive, got {m.norm_eps}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     if world_size is not None:

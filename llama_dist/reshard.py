@@ -37,7 +37,7 @@ from llama_dist.checkpoint_files import COMMIT_MARKER as COMMITTED
 from llama_dist.checkpoint_files import (CONFIG_FILE, MANIFEST, OPTIMIZER_FILE, TRAIN_STATE, BackgroundCheck,
                                          manifest_entries, optimizer_file, shard_file)
 from llama_dist.errors import UserError, load_error_reason
-from llama_dist.files import atomic_write_text, check_destination, fsync_path, staged_directory
+from llama_dist.files import atomic_write_text, fsync_path, staged_directory
 from llama_dist.logs import get_logger
 from llama_dist.reshard_cli import DTYPE_NAMES, start_source_check
 from llama_dist.sharded_source import (MappedSources, ModelShards, PathLike, Sharded, check_replicated,
@@ -320,7 +320,6 @@ def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[DType], force: boo
     optimizer = _inspect_optimizer(src, model)
     n = len(model.weights.paths)
     texts = _training_texts(src, n, mp)
-    check_destination(dst, src)  # before any work; staged_directory checks it again
     if cast_to is not None and any(d.name not in FLOAT_TYPES for d in model.weights.dtypes.values()):
         raise UserError(f"--dtype casts floating-point weights, and {src} holds others; reshard it without --dtype")
     if cast_to not in (None, DTYPES["float32"]) and optimizer is not None:
