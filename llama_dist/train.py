@@ -265,11 +265,18 @@ class Trainer:
     def stop_for_requeue(self, stop: StopSignal, last_saved: int) -> int:
         if last_saved != self.step:
             self.save()
-        if self.info.is_rank0:
-            (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
+        self.leave_marker(PREEMPTED_MARKER, {"step": self.step})
         log.warning(f"received {stop.received or 'a stop signal on another rank'}: saved step "
                     f"{self.step}; exiting with {EXIT_PREEMPTED} so the job can be requeued")
         return EXIT_PREEMPTED
+
+    def leave_marker(self, name: str, content: dict) -> None:
+        """Rank 0 writes RUN/<name>, and no rank exits before it is there: under srun
+        --kill-on-bad-exit the first node whose ranks are gone has the other nodes' tasks
+        killed, and a marker not yet written would leave the batch script guessing why."""
+        if self.info.is_rank0:
+            atomic_write_text(self.run_dir / name, json.dumps(content) + "\n")
+        distributed.barrier()
 
     def _loop(self, stop: StopSignal) -> int:
         cfg, info = self.cfg, self.info
@@ -299,9 +306,7 @@ class Trainer:
                         log.error(f"stopping: {consecutive_bad} consecutive non-finite steps "
                                   f"(train.max_bad_steps={cfg.train.max_bad_steps}); the latest good checkpoint "
                                   f"is {latest or 'none'}; lower optim.lr or check the data")
-                        if info.is_rank0:
-                            (self.run_dir / DIVERGED_MARKER).write_text(
-                                json.dumps({"step": self.step, "latest_checkpoint": str(latest or "")}) + "\n")
+                        self.leave_marker(DIVERGED_MARKER, {"step": self.step, "latest_checkpoint": str(latest or "")})
                         return EXIT_DIVERGED
                 else:
                     consecutive_bad = 0

@@ -477,3 +477,37 @@ def test_nccl_without_cuda_is_refused_before_any_rank_starts(data_dir, tmp_path)
     cfg = tiny_config(data_dir, tmp_path / "run", "train.device=auto", "parallel.backend=nccl")
     with pytest.raises(UserError, match=r"^parallel.backend=nccl needs a CUDA device and none is visible; "):
         preflight(cfg, world_size=2)
+
+
+@pytest.mark.parametrize("case", ["preempted", "diverged"])
+def test_no_rank_leaves_before_rank0_has_written_its_marker(data_dir, tmp_path, monkeypatch, case):
+    """On several nodes, srun --kill-on-bad-exit kills every task once one node's ranks are
+    gone: ranks that left before the marker was written would cost the batch script its reason."""
+    from llama_dist import train as train_module
+    from llama_dist.train import DIVERGED_MARKER, EXIT_DIVERGED, EXIT_PREEMPTED, PREEMPTED_MARKER, Trainer
+
+    run = tmp_path / "run"
+    marker, code, extra = {
+        "preempted": (PREEMPTED_MARKER, EXIT_PREEMPTED, []),
+        "diverged": (DIVERGED_MARKER, EXIT_DIVERGED, ["train.max_bad_steps=2"]),
+    }[case]
+    if case == "diverged":
+        monkeypatch.setenv("LLAMA_DIST_FAULT_NAN", "0,1")  # steps 1 and 2
+    else:
+        train_step = Trainer.train_step
+
+        def stop_at_step_2(self, *args):
+            loss, norm, skipped, stop_now = train_step(self, *args)
+            return loss, norm, skipped, stop_now or self.step + 1 == 2
+
+        monkeypatch.setattr(Trainer, "train_step", stop_at_step_2)
+    seen = []
+    barrier = train_module.distributed.barrier
+
+    def recording_barrier():
+        seen.append((run / marker).is_file())
+        barrier()
+
+    monkeypatch.setattr(train_module.distributed, "barrier", recording_barrier)
+    assert train(tiny_config(data_dir, run, "train.steps=6", *extra)) == code
+    assert seen[-1] is True and json.loads((run / marker).read_text())["step"] == 2
