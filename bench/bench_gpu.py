@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
     cfg = load_config(opts.config, opts.overrides)
-    info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device)
+    cfg.train.eval_interval = 0  # never validates; a val split the bench writes would not fit dp=8's batch
+    info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device,
+                                        cfg.parallel.timeout_minutes)
     data_dir = Path(tempfile.mkdtemp(prefix="bench_gpu-"))
     try:
         validate(cfg, world_size=info.world_size)

@@ -79,21 +79,31 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
 
 
 def optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW state keyed by parameter name, so a reshard can split it like the weights."""
+    """AdamW state keyed by parameter name, so a reshard can split it like the weights.
+
+    The tensors stay where they are: save_shard copies one at a time to the host, so a
+    GPU rank never holds its whole optimizer state (twice its weights) in host memory.
+    """
     flat: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         for key, value in optimizer.state.get(param, {}).items():
             if isinstance(value, torch.Tensor):
-                flat[f"{key}/{name}"] = value.detach().cpu()
+                flat[f"{key}/{name}"] = value.detach()
     return flat
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    """Rebuild optimizer.state_dict() from name-keyed tensors; load_state_dict places them."""
+    """Rebuild optimizer.state_dict() from name-keyed tensors; load_state_dict places them.
+
+    `flat` may be memory-mapped: each moment is copied once, straight to its parameter's
+    device (no host copy of the whole state on a GPU rank, and on CPU no state that
+    aliases a file a later prune deletes). `step` stays where load_state_dict wants it.
+    """
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, param in model.named_parameters():
-        entry = {key.split("/", 1)[0]: value for key, value in flat.items() if key.split("/", 1)[1] == name}
+        entry = {key.split("/", 1)[0]: value.clone() if key.startswith("step/") else value.to(param.device, copy=True)
+                 for key, value in flat.items() if key.split("/", 1)[1] == name}
         if entry:
             state[index[id(param)]] = entry
     if flat and not state:
@@ -260,7 +270,7 @@ def _load_files(ckpt_dir: Path, model: nn.Module, optimizer: Optional[torch.opti
         path = ckpt_dir / optimizer_file(info.mp_rank)
         if not path.is_file():
             raise UserError(f"{path} is missing; this checkpoint cannot resume training (it holds weights only)")
-        load_optimizer_state(model, optimizer, torch.load(path, map_location="cpu", weights_only=True))
+        load_optimizer_state(model, optimizer, torch.load(path, map_location="cpu", mmap=True, weights_only=True))
     if train_state.get("world_size") == info.world_size and rng_path.is_file():
         rng = torch.load(rng_path, map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch"])

@@ -31,6 +31,7 @@ class ParallelConfig:
     mp: int = 1  # model-parallel (tensor-parallel) size: shards per layer
     dp: int = -1  # data-parallel size; -1 means world_size // mp
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+    timeout_minutes: float = 30.0  # how long a collective waits for the slowest rank (a save) before failing
 
 
 @dataclass
@@ -63,7 +64,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     seed: int = 42  # the same on every rank, so every mp size starts from the same weights
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    dtype: str = "auto"  # auto (bf16 on a GPU with bf16 tensor cores, else fp32) | fp32 | bf16
     activation_checkpointing: bool = False
     compile: bool = False
     eval_interval: int = 100  # 0 disables validation
@@ -241,6 +242,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         "log.interval": cfg.log.interval,  # train.py logs when step % log.interval == 0
         "train.max_bad_steps": cfg.train.max_bad_steps,
         "model.norm_eps": m.norm_eps,  # params.json needs one, and RMSNorm divides by it when x is 0
+        "parallel.timeout_minutes": p.timeout_minutes,
     }
     for key, value in positive.items():
         if not value > 0:  # written this way round so that NaN fails too

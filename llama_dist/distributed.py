@@ -7,10 +7,13 @@ collectives the trainer needs (global grad norm, agreeing on a flag).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterable, Optional
 
 import numpy as np
@@ -68,23 +71,31 @@ def pick_device(device: str = "auto", backend: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(mp: int = 1, backend: str = "auto", device: str = "auto") -> DistInfo:
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+
+def init_distributed(mp: int = 1, backend: str = "auto", device: str = "auto",
+                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
     """Start (or join) the process group from torchrun's environment, then fairscale's groups.
 
     Without torchrun this is a world of one, so the same code runs in a plain
     `python` process. Calling it again in an initialised process reuses the groups.
+    `timeout_minutes` is how long any collective waits for the slowest rank (while
+    one rank per shard writes a checkpoint, the others wait) before the run fails;
+    NCCL's own default is 10 minutes, which a large model's save can outlast.
     """
     dev = pick_device(device, backend)
+    timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "WORLD_SIZE" in os.environ:  # torchrun (or a test's spawned ranks)
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:  # a plain process: a world of one on loopback, leaving the environment alone
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                    rank=0, world_size=1)
+                                    rank=0, world_size=1, timeout=timeout)
     world_size = dist.get_world_size()
     if world_size % mp:
         raise ConfigError(
@@ -92,12 +103,24 @@ def init_distributed(mp: int = 1, backend: str = "auto", device: str = "auto") -
             f"launch a multiple of {mp} processes or change parallel.mp"
         )
     if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(mp)
+        with groups_timeout(timeout):
+            fs_init.initialize_model_parallel(mp)
     elif fs_init.get_model_parallel_world_size() != mp:
         raise ConfigError(
             f"model parallel is already initialised with mp={fs_init.get_model_parallel_world_size()}, not {mp}"
         )
     return current()
+
+
+@contextlib.contextmanager
+def groups_timeout(timeout: timedelta):
+    """fairscale makes its groups with torch's default timeout, not the world's: this passes ours."""
+    new_group = dist.new_group
+    dist.new_group = functools.partial(new_group, timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.new_group = new_group
 
 
 def current() -> DistInfo:

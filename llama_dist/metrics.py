@@ -14,12 +14,14 @@ import torch
 # (bf16/fp16 tensor core, fp32 without TF32). Matched by substring of the device
 # name, most specific first. MFU against the wrong row is how others report 104%.
 GPU_PEAK_TFLOPS: list[tuple[str, float, float]] = [
-    ("H200", 989.0, 67.0),
+    ("GH200", 989.0, 67.0),  # before H200, which its name contains
+    ("H200 NVL", 835.0, 60.0),
+    ("H200", 989.0, 67.0),  # SXM
     ("H100 PCIe", 756.0, 51.0),
     ("H100 NVL", 835.0, 60.0),
     ("H100", 989.0, 67.0),  # SXM
-    ("H800", 989.0, 67.0),
-    ("GH200", 989.0, 67.0),
+    ("H800 PCIe", 756.0, 51.0),
+    ("H800", 989.0, 67.0),  # SXM
     ("B200", 2250.0, 80.0),
     ("A100", 312.0, 19.5),
     ("A800", 312.0, 19.5),

@@ -84,7 +84,11 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+    """bf16 autocast where the GPU has bf16 tensor cores (compute capability 8.0 on, Ampere and
+    later); an older one (V100, T4) only emulates bf16, slower than fp32, so auto means fp32 there."""
+    if cfg.train.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.train.dtype == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
     return torch.float32
 
@@ -133,8 +137,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.sharded = distributed.sharded_parameter_names(self.model)
         # DDP over the data-parallel group only: the world group would overwrite other mp ranks' shards
+        # broadcast_buffers=False: the one buffer, rope, is computed alike on every rank; broadcasting it
+        # from dp rank 0 at every forward would only add a collective per micro-batch
         self.ddp = (DistributedDataParallel(self.model, process_group=distributed.dp_group(),
-                                            device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                                            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                            broadcast_buffers=False)
                     if info.dp_size > 1 else None)
         if cfg.train.compile:  # block by block: the same speed as the whole model, a tenth of the warm-up
             for layer in self.model.layers:
@@ -389,10 +396,23 @@ def resume_point(cfg: Config, mp_size: int) -> Optional[Path]:
     return ckpt
 
 
+def leave_rank_error(cfg: Config, rank: int, world_size: int, err: UserError) -> None:
+    """RUN/ERROR.<rank>: torchrun turns a rank's error into exit 1 and a traceback; this keeps the line."""
+    if world_size > 1:
+        marker = Path(cfg.train.run_dir) / f"{ERROR_MARKER}.{rank}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps({"rank": rank, "error": str(err)}) + "\n")
+
+
 def train(cfg: Config) -> int:
     # from the start: a preemption while the model builds or loads still ends in a save at the first step
     with StopSignal() as stop:
-        info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device)
+        try:
+            info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device,
+                                                cfg.parallel.timeout_minutes)
+        except UserError as err:  # a node without the GPU that train.device=cuda asks for
+            leave_rank_error(cfg, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), err)
+            raise
         if info.device.type == "cpu":
             keep_freed_memory()
         try:
@@ -406,10 +426,7 @@ def train(cfg: Config) -> int:
             trainer.resume()
             return trainer.run(stop)
         except UserError as err:
-            if info.world_size > 1:  # torchrun turns it into 1 and a traceback; this keeps the line
-                marker = Path(cfg.train.run_dir) / f"{ERROR_MARKER}.{info.rank}"
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(marker, json.dumps({"rank": info.rank, "error": str(err)}) + "\n")
+            leave_rank_error(cfg, info.rank, info.world_size, err)
             raise
         finally:
             distributed.shutdown()

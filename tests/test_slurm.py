@@ -145,3 +145,40 @@ def test_preempted_job_requeues_and_resumes(cluster: Cluster, corpus: Path, tmp_
     assert steps_before == list(range(1, preempted_at + 1)), steps_before
     assert steps_after == list(range(preempted_at + 1, STEPS + 1)), steps_after
     assert committed(STEPS) and not marker.exists()
+
+
+def test_a_gpu_job_on_a_node_without_gpus_stops_with_the_reason(cluster: Cluster, corpus: Path, tmp_path: Path):
+    """Submitted without LLAMA_DIST_DEVICE=cpu on a node with no GPU (forgotten --gpus-per-node,
+    a CPU partition), the job must not train on CPU at a thousandth of the speed: every rank
+    refuses, and the job's last line says why."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a node without CUDA")
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.sbatch([f"--output={log}", str(SBATCH), str(REPO / "configs" / "tiny.yaml"),
+                          f"train.run_dir={run_dir}", f"data.dir={corpus}", "train.steps=2", "log.tensorboard=false",
+                          "train.eval_interval=0"],
+                         cwd=tmp_path, env={"NPROC_PER_NODE": "2", "PYTHON": sys.executable,
+                                            "RDZV_PORT": str(free_port())})
+    wait_until(lambda: cluster.job(job).get("JobState", "GONE") in ENDED, 180, "the job to end", interval=0.2)
+    text = log.read_text(errors="replace")
+    assert cluster.job(job)["ExitCode"] == "2:0", f"{cluster.job(job)}\n{text[-4000:]}"
+    last = text.strip().splitlines()[-1]
+    assert "error: train.device=cuda but no CUDA device is visible" in last, text[-4000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_config_the_ranks_would_refuse_ends_the_job_before_they_start(cluster: Cluster, corpus: Path,
+                                                                        tmp_path: Path):
+    """Checked once, on the batch node, in one line, with the config error's exit code."""
+    log = tmp_path / "job.out"
+    job = cluster.sbatch([f"--output={log}", str(SBATCH), str(REPO / "configs" / "tiny.yaml"),
+                          f"train.run_dir={tmp_path / 'run'}", f"data.dir={corpus}", "parallel.mp=3"],
+                         cwd=tmp_path, env={"LLAMA_DIST_DEVICE": "cpu", "NPROC_PER_NODE": "2",
+                                            "PYTHON": sys.executable, "RDZV_PORT": str(free_port())})
+    wait_until(lambda: cluster.job(job).get("JobState", "GONE") in ENDED, 120, "the job to end", interval=0.2)
+    text = log.read_text(errors="replace")
+    assert cluster.job(job)["ExitCode"] == "2:0", f"{cluster.job(job)}\n{text}"
+    assert text.strip().splitlines()[-1].startswith("train.sbatch: error: "), text
+    assert "parallel.mp=3" in text and "Traceback" not in text and "srun" not in text

@@ -209,3 +209,22 @@ def test_a_mistake_met_inside_the_ranks_ends_in_one_line_and_exit_2(data_dir, tm
     assert result.returncode == 2, result.stdout + result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("llama-dist train: error: ") and "sha256" in last and shard.name in last, last
+
+
+def test_a_rank_that_cannot_start_its_device_leaves_its_error_too(data_dir, tmp_path):
+    """On a node that lacks the GPU train.device=cuda asks for, the rank fails before any process
+    group exists; the batch script still finds its one line in RUN/ERROR.<rank>."""
+    import pytest
+    import torch
+
+    from llama_dist.train import rank_error
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "llama_dist.train", "tiny", *TINY, f"data.dir={data_dir}", f"train.run_dir={run}",
+                             "train.device=cuda", "parallel.backend=auto"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode != 0
+    assert sorted(p.name for p in run.glob("ERROR.*")) == ["ERROR.0", "ERROR.1"], result.stderr
+    assert "train.device=cuda but no CUDA device is visible" in rank_error(run)

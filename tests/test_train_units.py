@@ -511,3 +511,53 @@ def test_no_rank_leaves_before_rank0_has_written_its_marker(data_dir, tmp_path, 
     monkeypatch.setattr(train_module.distributed, "barrier", recording_barrier)
     assert train(tiny_config(data_dir, run, "train.steps=6", *extra)) == code
     assert seen[-1] is True and json.loads((run / marker).read_text())["step"] == 2
+
+
+def test_resumed_optimizer_state_is_a_copy_not_a_view_of_the_file(data_dir, committed_run, tmp_path):
+    """The optimizer file is memory-mapped on load (a GPU rank never reads its whole state into
+    host memory); the state must still be copied out, or a prune deleting that checkpoint, or
+    anything rewriting the file, would pull the moments from under the run."""
+    from llama_dist.checkpoint import optimizer_state_tensors
+    from llama_dist.checkpoint_files import optimizer_file
+    from llama_dist.train import Trainer
+
+    run = _copy(committed_run, tmp_path)
+    path = latest_checkpoint(run) / optimizer_file(0)
+    saved = torch.load(path, weights_only=True)
+    trainer = Trainer(tiny_config(data_dir, run, "train.steps=4"), distributed.init_distributed(1, "gloo", "cpu"))
+    trainer.resume()
+    with open(path, "r+b") as file:  # in place: the same inode a mapping would still read
+        file.write(bytes(path.stat().st_size))
+    state = optimizer_state_tensors(trainer.model, trainer.optimizer)
+    assert state.keys() == saved.keys() and any(key.startswith("exp_avg/") for key in state)
+    for key, value in saved.items():
+        assert torch.equal(state[key].cpu(), value), key
+
+
+def test_optimizer_state_goes_to_the_host_one_tensor_at_a_time():
+    """optimizer_state_tensors leaves each moment on its device (the meta device stands in for a
+    GPU here, which no tensor can be copied out of); save_shard copies them over one by one."""
+    from llama_dist.checkpoint import optimizer_state_tensors
+
+    model = torch.nn.Linear(4, 3, device="meta")
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.state[model.weight] = {"exp_avg": torch.empty(3, 4, device="meta"), "step": torch.tensor(1.0)}
+    state = optimizer_state_tensors(model, optimizer)
+    assert state["exp_avg/weight"].device.type == "meta" and state["step/weight"].item() == 1.0
+
+
+@pytest.mark.parametrize("capability, dtype, expected", [
+    ((9, 0), "auto", torch.bfloat16),  # H100
+    ((8, 0), "auto", torch.bfloat16),  # A100
+    ((7, 0), "auto", torch.float32),  # V100: bf16 only emulated, slower than fp32
+    ((7, 5), "bf16", torch.bfloat16),  # T4, asked for explicitly
+    ((9, 0), "fp32", torch.float32),
+])
+def test_auto_precision_is_bf16_only_on_gpus_with_bf16_tensor_cores(tmp_path, monkeypatch, capability, dtype,
+                                                                     expected):
+    from llama_dist.train import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cfg = tiny_config(tmp_path, tmp_path / "run", f"train.dtype={dtype}")
+    assert resolve_dtype(cfg, torch.device("cuda", 0)) == expected
+    assert resolve_dtype(cfg, torch.device("cpu")) == (torch.bfloat16 if dtype == "bf16" else torch.float32)
