@@ -194,3 +194,19 @@ def test_resume_at_a_new_model_parallel_size_after_reshard(data_dir, tmp_path):
     # the same run, continued at another mp size: equal up to the order of float sums
     for (_, expected), (_, got) in zip(straight[3:], resumed):
         assert got == pytest.approx(expected, rel=1e-4)
+
+
+def _train_dp2_steps(data_dir, run_dir, steps):
+    return _train_and_record(data_dir, run_dir, ["data.micro_batch_size=2", f"train.steps={steps}"])[1]
+
+
+def test_resume_at_a_new_data_parallel_size(data_dir, tmp_path):
+    """A run started on 2 data-parallel ranks goes on on 1 with the same global batch (torchtitan
+    refuses a changed dp size): the loader neither repeats nor skips a sample, so the losses are
+    the straight run's up to the order of float sums."""
+    straight = run_ranks(_train_dp2_steps, 2, data_dir, tmp_path / "straight", 6)[0]
+    run_ranks(_train_dp2_steps, 2, data_dir, tmp_path / "run", 3)
+    code, resumed, _, _, _ = _train_and_record(data_dir, tmp_path / "run", ["data.micro_batch_size=4", "train.steps=6"])
+    assert code == 0 and [step for step, _ in resumed] == [4, 5, 6]
+    for (_, expected), (_, got) in zip(straight[3:], resumed):
+        assert got == pytest.approx(expected, rel=1e-4)
