@@ -1,4 +1,4 @@
-"""Training tokens/s and MFU on GPUs: the trainer's own step on a ~1.1B model in bf16.
+"""Training tokens/s and MFU on GPUs: the trainer's own step on a ~1.1B model in bf16 (from Ampere on).
 
     python bench/bench_gpu.py                                       # one GPU: an NCCL world of one
     torchrun --nproc_per_node 8 bench/bench_gpu.py                  # dp=8 on one node

@@ -8,6 +8,7 @@ prints it without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -247,6 +248,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     for key, value in positive.items():
         if not value > 0:  # written this way round so that NaN fails too
             raise ConfigError(f"{key} must be positive, got {value}")
+    if not math.isfinite(p.timeout_minutes):
+        raise ConfigError(f"parallel.timeout_minutes must be a number of minutes, got {p.timeout_minutes}")
     if cfg.train.eval_interval > 0 and cfg.train.eval_batches <= 0:
         raise ConfigError(f"train.eval_batches must be positive, got {cfg.train.eval_batches}; "
                           f"set train.eval_interval=0 to turn validation off")

@@ -55,7 +55,7 @@ def demo(root: Path, steps: int, max_bytes: int, prompt: str, max_gen_len: int) 
         print(f"the data changed: starting {run_dir} afresh")
         shutil.rmtree(run_dir)
 
-    device = "GPU (nccl, bf16)" if gpus else "CPU (gloo, fp32)"
+    device = "GPU (nccl)" if gpus else "CPU (gloo, fp32)"
     how = f"torchrun on {nproc} processes" if nproc > 1 else "in this process (one GPU)"
     stage(3, f"train the tiny model: {how}, mp={nproc}, {device}")
     overrides = [f"parallel.mp={nproc}", f"data.dir={data_dir}", f"train.run_dir={run_dir}",

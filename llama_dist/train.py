@@ -362,12 +362,15 @@ class Trainer:
             board.close()
 
 
-def clear_markers(run_dir: Path) -> None:
-    """An earlier run's PREEMPTED, DIVERGED or ERROR must not speak for this one."""
+def clear_markers(run_dir: Path, errors: bool = True) -> None:
+    """An earlier run's PREEMPTED, DIVERGED or ERROR must not speak for this one. The ranks
+    themselves leave the ERROR files alone (errors=False): a rank that failed to start may
+    already have written its own, and the launcher cleared the old ones before any started."""
     for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):
         (run_dir / marker).unlink(missing_ok=True)
-    for marker in run_dir.glob(f"{ERROR_MARKER}.*"):
-        marker.unlink(missing_ok=True)
+    if errors:
+        for marker in run_dir.glob(f"{ERROR_MARKER}.*"):
+            marker.unlink(missing_ok=True)
 
 
 def rank_error(run_dir: str | os.PathLike) -> Optional[str]:
@@ -420,7 +423,8 @@ def train(cfg: Config) -> int:
             run_dir = Path(cfg.train.run_dir)
             if info.is_rank0:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                clear_markers(run_dir)
+                clear_markers(run_dir, errors=False)
+            (run_dir / f"{ERROR_MARKER}.{info.rank}").unlink(missing_ok=True)  # this rank's own, from before
             distributed.barrier()
             trainer = Trainer(cfg, info)
             trainer.resume()

@@ -111,6 +111,8 @@ def test_invalid_combinations_name_both_values(overrides, message):
     (["train.eval_interval=-5"], "train.eval_interval must be >= 0, got -5"),
     (["train.max_bad_steps=0"], "train.max_bad_steps must be positive, got 0"),
     (["model.norm_eps=0"], "model.norm_eps must be positive, got 0.0"),  # params.json would lose it
+    (["parallel.timeout_minutes=0"], "parallel.timeout_minutes must be positive, got 0.0"),
+    (["parallel.timeout_minutes=inf"], "parallel.timeout_minutes must be a number of minutes, got inf"),
     (["model.use_scaled_rope=true"], "model.use_scaled_rope=true needs a model.rope_theta"),
 ])
 def test_out_of_range_values(overrides, message):

@@ -35,11 +35,15 @@ class Nodes:
         self.logs = [tmp_path / f"node{n}-{port}.log" for n in range(nodes)]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
                    f"--nproc-per-node={nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                   f"--rdzv-id=test-{port}", "-m", "llama_dist.train", *train_args]
+                   f"--rdzv-id=test-{port}"]
         self.agents = []
-        for log in self.logs:
+        for node, log in enumerate(self.logs):
+            # node 0 hosts the rendezvous store: were the port taken meanwhile, it fails at once
+            # instead of every agent joining someone else's store as a client
+            host = f"--rdzv-conf=is_host={int(node == 0)}"
             with open(log, "w") as out:
-                self.agents.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env()))
+                self.agents.append(subprocess.Popen([*command, host, "-m", "llama_dist.train", *train_args],
+                                                    stdout=out, stderr=subprocess.STDOUT, env=_env()))
 
     def output(self, node: int) -> str:
         return self.logs[node].read_text()
@@ -65,14 +69,19 @@ class Nodes:
     def kill(self) -> None:
         """On a failed test: no agent or rank left running."""
         for agent in self.agents:
-            if agent.poll() is not None:
-                continue
-            for pid in _descendants(agent.pid) + [agent.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            agent.wait()
+            _kill_tree(agent)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process still running and everything under it (torchrun's ranks have sessions of their own)."""
+    if proc.poll() is not None:
+        return
+    for pid in _descendants(proc.pid) + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -96,13 +105,17 @@ def test_two_nodes_train_exactly_as_one_node(data_dir, tmp_path):
     finally:
         nodes.kill()
     assert codes == [0, 0], nodes.outputs()
-    one = subprocess.run([sys.executable, "-m", "llama_dist.train",
-                          *_train_args(data_dir, tmp_path / "one", *extra), "--nproc", "4"],
-                         capture_output=True, text=True, env=_env(), timeout=180)
-    assert one.returncode == 0, one.stdout + one.stderr
+    one = subprocess.Popen([sys.executable, "-m", "llama_dist.train",
+                            *_train_args(data_dir, tmp_path / "one", *extra), "--nproc", "4"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        out, err = one.communicate(timeout=180)
+    finally:
+        _kill_tree(one)
+    assert one.returncode == 0, out + err
     logged = [_losses(nodes.output(n)) for n in range(2)]
     assert sorted(map(len, logged)) == [0, 4]  # rank 0, and so the log, is on one node only
-    assert max(logged, key=len) == _losses(one.stdout)
+    assert max(logged, key=len) == _losses(out)
     for run in ("two", "one"):
         assert [step for step, _ in committed_checkpoints(tmp_path / run)] == [2, 4]
     for shard in ("consolidated.00.pth", "consolidated.01.pth"):

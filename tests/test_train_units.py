@@ -561,3 +561,17 @@ def test_auto_precision_is_bf16_only_on_gpus_with_bf16_tensor_cores(tmp_path, mo
     cfg = tiny_config(tmp_path, tmp_path / "run", f"train.dtype={dtype}")
     assert resolve_dtype(cfg, torch.device("cuda", 0)) == expected
     assert resolve_dtype(cfg, torch.device("cpu")) == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+
+
+def test_a_starting_run_keeps_the_errors_other_ranks_just_left(data_dir, tmp_path):
+    """A rank on a node whose GPU is missing writes ERROR.<rank> before any process group exists,
+    while rank 0 elsewhere goes on starting: rank 0 must not delete it as an old run's marker.
+    Its own old one, and an old PREEMPTED, do go."""
+    from llama_dist.train import ERROR_MARKER, PREEMPTED_MARKER
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (f"{ERROR_MARKER}.3", f"{ERROR_MARKER}.0", PREEMPTED_MARKER):
+        (run / name).write_text('{"rank": 3, "error": "train.device=cuda but no CUDA device is visible", "step": 1}\n')
+    assert train(tiny_config(data_dir, run, "train.steps=1")) == 0
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == [f"{ERROR_MARKER}.3"]
