@@ -31,7 +31,7 @@ from fairscale.nn.model_parallel.layers import (
 
 from llama_dist.logs import get_logger  # noqa: F401 - the rank-0 logger, for callers that import it from here
 
-from llama_dist.config import ConfigError
+from llama_dist.config import ConfigError, ParallelConfig
 
 PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, ParallelEmbedding, VocabParallelEmbedding)
 
@@ -71,11 +71,8 @@ def pick_device(device: str = "auto", backend: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-DEFAULT_TIMEOUT_MINUTES = 30.0
-
-
 def init_distributed(mp: int = 1, backend: str = "auto", device: str = "auto",
-                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
+                     timeout_minutes: float = ParallelConfig.timeout_minutes) -> DistInfo:
     """Start (or join) the process group from torchrun's environment, then fairscale's groups.
 
     Without torchrun this is a world of one, so the same code runs in a plain
