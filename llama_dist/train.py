@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -83,6 +84,13 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
                              eps=cfg.optim.eps, **fused)
 
 
+# The one buffer, rope, is computed alike on every rank: broadcasting it from dp rank 0 at every
+# forward would only add a collective per micro-batch. torch 2.13 renamed the switch.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
+
+
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """bf16 autocast where the GPU has bf16 tensor cores (compute capability 8.0 on, Ampere and
     later); an older one (V100, T4) only emulates bf16, slower than fp32, so auto means fp32 there."""
@@ -137,11 +145,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.sharded = distributed.sharded_parameter_names(self.model)
         # DDP over the data-parallel group only: the world group would overwrite other mp ranks' shards
-        # broadcast_buffers=False: the one buffer, rope, is computed alike on every rank; broadcasting it
-        # from dp rank 0 at every forward would only add a collective per micro-batch
         self.ddp = (DistributedDataParallel(self.model, process_group=distributed.dp_group(),
                                             device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                            broadcast_buffers=False)
+                                            **NO_BUFFER_SYNC)
                     if info.dp_size > 1 else None)
         if cfg.train.compile:  # block by block: the same speed as the whole model, a tenth of the warm-up
             for layer in self.model.layers:

@@ -42,3 +42,22 @@ def test_training_passes_the_configured_timeout_on(data_dir, tmp_path, monkeypat
     assert train_module.train(tiny_config(data_dir, tmp_path / "run", "train.steps=1",
                                           "parallel.timeout_minutes=45")) == 0
     assert seen[0][3] == 45.0
+
+
+def _ddp_buffer_sync(data_dir, run_dir) -> tuple[bool, list[str]]:
+    import warnings
+
+    from llama_dist.train import Trainer
+
+    cfg = tiny_config(data_dir, run_dir)
+    info = distributed.init_distributed(1, "gloo", "cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(cfg, info)
+    return trainer.ddp.will_sync_module_buffers(), [str(w.message) for w in caught if "buffers" in str(w.message)]
+
+
+def test_data_parallel_does_not_broadcast_the_rope_buffer_at_every_forward(data_dir, tmp_path):
+    """rope is computed alike on every rank; and no deprecation warning per rank per run."""
+    for syncs, warned in run_ranks(_ddp_buffer_sync, 2, data_dir, tmp_path / "run"):
+        assert syncs is False and warned == []
