@@ -18,15 +18,23 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def torchrun_command(module: str, argv: list[str], nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", module, *argv]
+def torchrun_command(module: str, argv: list[str], nproc: int, max_restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", module, *argv]
 
 
 SHUTDOWN_TIMEOUT_S = 600  # how long torchrun lets its ranks finish a step and save after SIGTERM
 
 
-def relaunch(module: str, argv: list[str], nproc: int) -> int:
+def restart_environment(env: dict) -> dict:
+    """What torchrun needs for its ranks to restart at all (--max-restarts): by default its
+    ranks share the rendezvous store, where a restarted rank can read the addresses of the
+    ranks it replaced and fail to connect (pytorch/pytorch#135712, #167288)."""
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return env
+
+
+def relaunch(module: str, argv: list[str], nproc: int, max_restarts: int = 0) -> int:
     """Run `python -m module argv` on nproc local ranks; returns torchrun's exit code.
 
     SIGTERM, SIGUSR1, SIGINT and SIGHUP sent to this process reach the ranks as
@@ -39,12 +47,14 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
     the ranks still save. It waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for them
     (default here 600 s, not its 30 s, which a large model's save outlasts; torch 2.13's
     torchrun reads the variable, an older one may not) before it kills them. OMP_NUM_THREADS
-    defaults to cores / nproc so the ranks do not oversubscribe the CPU.
+    defaults to cores / nproc so the ranks do not oversubscribe the CPU. With max_restarts,
+    torchrun starts every rank again after one fails, and training resumes from its latest
+    checkpoint, up to that many times.
     """
-    env = dict(os.environ)
+    env = restart_environment(dict(os.environ))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
-    child = subprocess.Popen(torchrun_command(module, argv, nproc), env=env, start_new_session=True)
+    child = subprocess.Popen(torchrun_command(module, argv, nproc, max_restarts), env=env, start_new_session=True)
     forwarded = []
 
     def forward(signum, _frame):

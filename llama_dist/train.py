@@ -12,7 +12,11 @@ Several nodes (run on every node; HOST is the first node's address):
 The run resumes from the latest complete checkpoint in train.run_dir. On SIGTERM or
 SIGUSR1 (what SLURM sends before a time limit or preemption) every rank agrees at the
 next step boundary, saves a checkpoint, writes RUN/PREEMPTED and exits with
-EXIT_PREEMPTED (75), so a batch script can requeue the job.
+EXIT_PREEMPTED (75), so a batch script can requeue the job. After a rank fails (a
+fault, a lost node), torchrun --max-restarts N starts every rank again and the run goes
+on from its latest checkpoint; with torchrun itself, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+for that (`--nproc N --max-restarts K` and slurm/train.sbatch do), or a restarted rank
+may fail to connect (pytorch/pytorch#135712).
 """
 
 from __future__ import annotations
@@ -472,13 +476,18 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("config", help="a YAML file or a bundled name (tiny, small, llama2-7b, ...)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 parallel.mp=2")
     parser.add_argument("--nproc", type=int, default=1, help="local processes; >1 starts torchrun")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="with --nproc: after a rank fails, start all again (resuming from the latest "
+                             "checkpoint) up to this many times")
     args = parser.parse_args(argv)
+    if args.max_restarts < 0 or (args.max_restarts and args.nproc < 2):
+        parser.error("--max-restarts needs --nproc 2 or more and a count >= 0")
     cfg = load_config(args.config, args.overrides)  # fail fast, before starting any process
     if args.nproc > 1 and not under_torchrun():
         preflight(cfg, world_size=args.nproc)  # one clean error line here, not one per rank
         run_dir = Path(cfg.train.run_dir)
         clear_markers(run_dir)
-        code = relaunch("llama_dist.train", [args.config, *args.overrides], args.nproc)
+        code = relaunch("llama_dist.train", [args.config, *args.overrides], args.nproc, args.max_restarts)
         # torchrun reports any worker failure as 1; a marker says it was a preemption save or divergence
         if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
             return EXIT_PREEMPTED

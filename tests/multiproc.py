@@ -12,9 +12,12 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
+import subprocess
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -94,3 +97,26 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
                 p.join()
     assert sorted(collected) == list(range(world_size)), "not every rank reported"
     return [collected[r] for r in range(world_size)]
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process still running and everything under it (torchrun's ranks have sessions of their own)."""
+    if proc.poll() is not None:
+        return
+    for pid in descendants(proc.pid) + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return children + [grandchild for child in children for grandchild in descendants(child)]

@@ -16,6 +16,7 @@ import torch
 from llama_dist.checkpoint import committed_checkpoints
 from llama_dist.distributed import free_port
 from llama_dist.train import PREEMPTED_MARKER
+from multiproc import kill_tree
 from test_train import TINY
 
 
@@ -69,27 +70,7 @@ class Nodes:
     def kill(self) -> None:
         """On a failed test: no agent or rank left running."""
         for agent in self.agents:
-            _kill_tree(agent)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process still running and everything under it (torchrun's ranks have sessions of their own)."""
-    if proc.poll() is not None:
-        return
-    for pid in _descendants(proc.pid) + [proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
-def _descendants(pid: int) -> list[int]:
-    try:
-        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return children + [grandchild for child in children for grandchild in _descendants(child)]
+            kill_tree(agent)
 
 
 def _losses(output: str) -> list[str]:
@@ -111,7 +92,7 @@ def test_two_nodes_train_exactly_as_one_node(data_dir, tmp_path):
     try:
         out, err = one.communicate(timeout=180)
     finally:
-        _kill_tree(one)
+        kill_tree(one)
     assert one.returncode == 0, out + err
     logged = [_losses(nodes.output(n)) for n in range(2)]
     assert sorted(map(len, logged)) == [0, 4]  # rank 0, and so the log, is on one node only

@@ -3,6 +3,7 @@ checkpoint is being written leaves the previous checkpoint as the one resumed fr
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from llama_dist.checkpoint import committed_checkpoints, is_committed
 from llama_dist.train import DIVERGED_MARKER, EXIT_DIVERGED, EXIT_PREEMPTED, PREEMPTED_MARKER
+from multiproc import kill_tree
 from test_train import TINY
 
 
@@ -228,3 +230,32 @@ def test_a_rank_that_cannot_start_its_device_leaves_its_error_too(data_dir, tmp_
     assert result.returncode != 0
     assert sorted(p.name for p in run.glob("ERROR.*")) == ["ERROR.0", "ERROR.1"], result.stderr
     assert "train.device=cuda but no CUDA device is visible" in rank_error(run)
+
+
+def test_a_rank_killed_mid_run_is_restarted_and_the_run_ends_as_an_unbroken_one(data_dir, tmp_path):
+    """`--max-restarts`: torchrun starts every rank again after one dies, and the run resumes
+    from its latest checkpoint. torch's shared rendezvous store used to make the restarted
+    ranks fail to connect; the end must equal, bit for bit, a run that was never broken."""
+    import torch
+
+    steps, extra = 100, ("checkpoint.interval=5", "parallel.mp=2")
+    run = tmp_path / "run"
+    cmd = _command(data_dir, run, f"train.steps={steps}", *extra, nproc=2) + ["--max-restarts", "1"]
+    proc, lines = _run_until_step(cmd, 12)
+    try:
+        torchrun = _children(proc.pid)
+        ranks = [pid for parent in torchrun for pid in _children(parent)]
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)
+        output = _finish(proc, lines, timeout=180)
+    finally:  # on a failure, no ranks left running (they have sessions of their own)
+        kill_tree(proc)
+    assert proc.returncode == 0, output
+    assert re.search(r"resumed from \S+step-0000\d\d at step \d+", output), output
+    straight = subprocess.run(_command(data_dir, tmp_path / "straight", f"train.steps={steps}", *extra, nproc=2),
+                              capture_output=True, text=True, env=_env(), timeout=180)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    for shard in ("consolidated.00.pth", "consolidated.01.pth"):
+        got = torch.load(run / f"checkpoints/step-{steps:06d}" / shard, weights_only=True)
+        want = torch.load(tmp_path / f"straight/checkpoints/step-{steps:06d}" / shard, weights_only=True)
+        assert all(torch.equal(got[key], want[key]) for key in want), shard
