@@ -182,9 +182,10 @@ def save_checkpoint(
 
 
 def _fault_point(where: str, step: int, info: DistInfo) -> None:
-    """Tests kill a rank here (LLAMA_DIST_FAULT_KILL=save:STEP:RANK) to prove atomicity."""
+    """Tests kill a rank here (LLAMA_DIST_FAULT_KILL=save:STEP:RANK) to prove atomicity; only in
+    torchrun's first attempt, so that ranks it restarts (--max-restarts) get past the fault."""
     spec = os.environ.get("LLAMA_DIST_FAULT_KILL", "")
-    if spec == f"{where}:{step}:{info.rank}":
+    if spec == f"{where}:{step}:{info.rank}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         os._exit(9)
 
 

@@ -12,11 +12,12 @@ Several nodes (run on every node; HOST is the first node's address):
 The run resumes from the latest complete checkpoint in train.run_dir. On SIGTERM or
 SIGUSR1 (what SLURM sends before a time limit or preemption) every rank agrees at the
 next step boundary, saves a checkpoint, writes RUN/PREEMPTED and exits with
-EXIT_PREEMPTED (75), so a batch script can requeue the job. After a rank fails (a
-fault, a lost node), torchrun --max-restarts N starts every rank again and the run goes
-on from its latest checkpoint; with torchrun itself, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-for that (`--nproc N --max-restarts K` and slurm/train.sbatch do), or a restarted rank
-may fail to connect (pytorch/pytorch#135712).
+EXIT_PREEMPTED (75), so a batch script can requeue the job. After a rank crashes,
+torchrun --max-restarts N starts every rank again and the run goes on from its latest
+checkpoint (ranks that had stopped on purpose, preempted or diverged, exit again). With
+torchrun itself, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for that (`--nproc N
+--max-restarts K` and slurm/train.sbatch do), or a restarted rank may fail to connect
+(pytorch/pytorch#135712).
 """
 
 from __future__ import annotations
@@ -409,6 +410,25 @@ def resume_point(cfg: Config, mp_size: int) -> Optional[Path]:
     return ckpt
 
 
+def restarted() -> bool:
+    """Whether torchrun (--max-restarts) started these ranks again after others failed."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+
+
+def stopped_before_restart(run_dir: Path) -> Optional[int]:
+    """The exit code again when the ranks torchrun restarted had stopped on purpose: a stop
+    signal that reached the ranks but not torchrun, or divergence, looks to torchrun like a
+    failure, and training on would undo the preemption (or diverge again, K times)."""
+    if not restarted():
+        return None
+    for marker, code in ((PREEMPTED_MARKER, EXIT_PREEMPTED), (DIVERGED_MARKER, EXIT_DIVERGED)):
+        if (run_dir / marker).is_file():
+            log.warning(f"torchrun restarted the ranks, but they had stopped on purpose ({run_dir / marker}); "
+                        f"exiting with {code} again")
+            return code
+    return None
+
+
 def leave_rank_error(cfg: Config, rank: int, world_size: int, err: UserError) -> None:
     """RUN/ERROR.<rank>: torchrun turns a rank's error into exit 1 and a traceback; this keeps the line."""
     if world_size > 1:
@@ -431,9 +451,13 @@ def train(cfg: Config) -> int:
         try:
             validate(cfg, world_size=info.world_size)
             run_dir = Path(cfg.train.run_dir)
+            stopped = stopped_before_restart(run_dir)
+            if stopped is not None:
+                return stopped
             if info.is_rank0:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                clear_markers(run_dir, errors=False)
+                if not restarted():
+                    clear_markers(run_dir, errors=False)
             (run_dir / f"{ERROR_MARKER}.{info.rank}").unlink(missing_ok=True)  # this rank's own, from before
             distributed.barrier()
             trainer = Trainer(cfg, info)

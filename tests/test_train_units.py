@@ -575,3 +575,22 @@ def test_a_starting_run_keeps_the_errors_other_ranks_just_left(data_dir, tmp_pat
         (run / name).write_text('{"rank": 3, "error": "train.device=cuda but no CUDA device is visible", "step": 1}\n')
     assert train(tiny_config(data_dir, run, "train.steps=1")) == 0
     assert sorted(p.name for p in run.iterdir() if p.is_file()) == [f"{ERROR_MARKER}.3"]
+
+
+@pytest.mark.parametrize("marker, code", [("PREEMPTED", 75), ("DIVERGED", 3)])
+def test_ranks_restarted_after_a_deliberate_stop_exit_again(data_dir, tmp_path, monkeypatch, marker, code):
+    """A stop signal that reached the ranks but not torchrun (or a divergence) looks to torchrun
+    like a failure; under --max-restarts the restarted ranks must not train on, which would
+    delete the marker and undo the preemption. In torchrun's first attempt the marker is old."""
+    from llama_dist.train import EXIT_DIVERGED, EXIT_PREEMPTED
+
+    assert (EXIT_PREEMPTED, EXIT_DIVERGED) == (75, 3)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / marker).write_text('{"step": 5}\n')
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train(tiny_config(data_dir, run, "train.steps=2", "checkpoint.interval=1")) == code
+    assert (run / marker).is_file() and latest_checkpoint(run) is None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert train(tiny_config(data_dir, run, "train.steps=2", "checkpoint.interval=1")) == 0
+    assert not (run / marker).exists() and latest_checkpoint(run).name == "step-000002"
