@@ -100,10 +100,14 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fla
     aliases a file a later prune deletes). `step` stays where load_state_dict wants it.
     """
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        kind, name = key.split("/", 1)
+        by_name.setdefault(name, {})[kind] = value
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, param in model.named_parameters():
-        entry = {key.split("/", 1)[0]: value.clone() if key.startswith("step/") else value.to(param.device, copy=True)
-                 for key, value in flat.items() if key.split("/", 1)[1] == name}
+        entry = {kind: value.clone() if kind == "step" else value.to(param.device, copy=True)
+                 for kind, value in by_name.get(name, {}).items()}
         if entry:
             state[index[id(param)]] = entry
     if flat and not state:

@@ -28,7 +28,6 @@ import inspect
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -51,12 +50,9 @@ from llama_dist.errors import UserError
 from llama_dist.files import atomic_write_text
 from llama_dist.metrics import TensorBoard, device_peak_flops, format_duration, memory_gib
 from llama_dist.model import Transformer, flops_per_token
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGUSR1; requeue to resume
-EXIT_DIVERGED = 3  # too many consecutive NaN/Inf steps; the last good checkpoint is kept
-PREEMPTED_MARKER = "PREEMPTED"
-DIVERGED_MARKER = "DIVERGED"  # torchrun reports every failed worker as 1: the markers tell 75 and 3 apart
-ERROR_MARKER = "ERROR"  # ERROR.<rank>: an expected mistake a rank met, for `--nproc` to report as one line and 2
+from llama_dist.run_markers import (DIVERGED_MARKER, ERROR_MARKER, EXIT_DIVERGED, EXIT_PREEMPTED, PREEMPTED_MARKER,
+                                    StopSignal, clear_markers, leave_rank_error, rank_error, restarted,
+                                    stopped_before_restart)
 
 log = get_logger("llama_dist.train")
 
@@ -104,25 +100,6 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.train.dtype == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
     return torch.float32
-
-
-class StopSignal:
-    """Remembers SIGTERM/SIGUSR1; the loop checks it at step boundaries on every rank."""
-
-    def __init__(self) -> None:
-        self.received: Optional[str] = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopSignal":
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, _frame) -> None:
-        self.received = signal.Signals(signum).name
 
 
 def fault_nan_steps() -> set[int]:
@@ -373,29 +350,6 @@ class Trainer:
             board.close()
 
 
-def clear_markers(run_dir: Path, errors: bool = True) -> None:
-    """An earlier run's PREEMPTED, DIVERGED or ERROR must not speak for this one. The ranks
-    themselves leave the ERROR files alone (errors=False): a rank that failed to start may
-    already have written its own, and the launcher cleared the old ones before any started."""
-    for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):
-        (run_dir / marker).unlink(missing_ok=True)
-    if errors:
-        for marker in run_dir.glob(f"{ERROR_MARKER}.*"):
-            marker.unlink(missing_ok=True)
-
-
-def rank_error(run_dir: str | os.PathLike) -> Optional[str]:
-    """The lowest rank's expected mistake, left by a run under torchrun, if any."""
-    found = sorted(Path(run_dir).glob(f"{ERROR_MARKER}.*"),
-                   key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
-    for marker in found:
-        try:
-            return json.loads(marker.read_text())["error"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
 def resume_point(cfg: Config, mp_size: int) -> Optional[Path]:
     """The checkpoint a run resumes from, checked against the config; None for a fresh start."""
     run_dir = Path(cfg.train.run_dir)
@@ -410,33 +364,6 @@ def resume_point(cfg: Config, mp_size: int) -> Optional[Path]:
     return ckpt
 
 
-def restarted() -> bool:
-    """Whether torchrun (--max-restarts) started these ranks again after others failed."""
-    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-
-
-def stopped_before_restart(run_dir: Path) -> Optional[int]:
-    """The exit code again when the ranks torchrun restarted had stopped on purpose: a stop
-    signal that reached the ranks but not torchrun, or divergence, looks to torchrun like a
-    failure, and training on would undo the preemption (or diverge again, K times)."""
-    if not restarted():
-        return None
-    for marker, code in ((PREEMPTED_MARKER, EXIT_PREEMPTED), (DIVERGED_MARKER, EXIT_DIVERGED)):
-        if (run_dir / marker).is_file():
-            log.warning(f"torchrun restarted the ranks, but they had stopped on purpose ({run_dir / marker}); "
-                        f"exiting with {code} again")
-            return code
-    return None
-
-
-def leave_rank_error(cfg: Config, rank: int, world_size: int, err: UserError) -> None:
-    """RUN/ERROR.<rank>: torchrun turns a rank's error into exit 1 and a traceback; this keeps the line."""
-    if world_size > 1:
-        marker = Path(cfg.train.run_dir) / f"{ERROR_MARKER}.{rank}"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, json.dumps({"rank": rank, "error": str(err)}) + "\n")
-
-
 def train(cfg: Config) -> int:
     # from the start: a preemption while the model builds or loads still ends in a save at the first step
     with StopSignal() as stop:
@@ -444,7 +371,7 @@ def train(cfg: Config) -> int:
             info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device,
                                                 cfg.parallel.timeout_minutes)
         except UserError as err:  # a node without the GPU that train.device=cuda asks for
-            leave_rank_error(cfg, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), err)
+            leave_rank_error(cfg.train.run_dir, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), err)
             raise
         if info.device.type == "cpu":
             keep_freed_memory()
@@ -464,7 +391,7 @@ def train(cfg: Config) -> int:
             trainer.resume()
             return trainer.run(stop)
         except UserError as err:
-            leave_rank_error(cfg, info.rank, info.world_size, err)
+            leave_rank_error(cfg.train.run_dir, info.rank, info.world_size, err)
             raise
         finally:
             distributed.shutdown()

@@ -114,9 +114,13 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def descendants(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     try:
-        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # gone already
         return []
-    return children + [grandchild for child in children for grandchild in descendants(child)]
+
+
+def descendants(pid: int) -> list[int]:
+    direct = children(pid)
+    return direct + [grandchild for child in direct for grandchild in descendants(child)]

@@ -7,11 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from llama_dist.checkpoint import committed_checkpoints, is_committed
 from llama_dist.train import DIVERGED_MARKER, EXIT_DIVERGED, EXIT_PREEMPTED, PREEMPTED_MARKER
-from multiproc import kill_tree
+from multiproc import children, kill_tree
 from test_train import TINY
 
 
@@ -39,10 +38,6 @@ def _run_until_step(cmd, step, timeout=120, **popen):
             break
     kill_tree(proc)  # torchrun and its ranks too: they run in sessions of their own
     raise AssertionError("training never reached step %d:\n%s" % (step, "".join(lines)))
-
-
-def _children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def _finish(proc, lines, timeout=120):
@@ -86,8 +81,8 @@ def test_ctrl_c_in_a_terminal_saves_and_exits_with_the_preempted_code(data_dir, 
     run = tmp_path / "run"
     cmd = _command(data_dir, run, "train.steps=100000", "parallel.mp=2", nproc=2)
     proc, lines = _run_until_step(cmd, 2, start_new_session=True)  # a process group, as a shell's job
-    torchrun = _children(proc.pid)
-    processes = [proc.pid, *torchrun, *(pid for parent in torchrun for pid in _children(parent))]
+    torchrun = children(proc.pid)
+    processes = [proc.pid, *torchrun, *(pid for parent in torchrun for pid in children(parent))]
     try:
         # which signal torchrun would pass on is a race; that it is outside the group is not
         assert len(torchrun) == 1 and os.getpgid(torchrun[0]) != proc.pid

@@ -1,0 +1,94 @@
+"""What a run leaves for whoever started it: exit codes, files in RUN/ and the stop signal.
+
+torchrun reports any failed rank as exit 1, so the codes a batch script decides by
+(75 preempted, 3 diverged, 2 an expected mistake) also go into small files in the run
+directory, which `llama-dist train --nproc` and slurm/train.sbatch turn back into codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Optional
+
+from llama_dist.files import atomic_write_text
+from llama_dist.logs import get_logger
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGUSR1; requeue to resume
+EXIT_DIVERGED = 3  # too many consecutive NaN/Inf steps; the last good checkpoint is kept
+PREEMPTED_MARKER = "PREEMPTED"
+DIVERGED_MARKER = "DIVERGED"  # torchrun reports every failed worker as 1: the markers tell 75 and 3 apart
+ERROR_MARKER = "ERROR"  # ERROR.<rank>: an expected mistake a rank met, for `--nproc` to report as one line and 2
+
+log = get_logger("llama_dist.train")
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1; the loop checks it at step boundaries on every rank."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def clear_markers(run_dir: Path, errors: bool = True) -> None:
+    """An earlier run's PREEMPTED, DIVERGED or ERROR must not speak for this one. The ranks
+    themselves leave the ERROR files alone (errors=False): a rank that failed to start may
+    already have written its own, and the launcher cleared the old ones before any started."""
+    for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):
+        (run_dir / marker).unlink(missing_ok=True)
+    if errors:
+        for marker in run_dir.glob(f"{ERROR_MARKER}.*"):
+            marker.unlink(missing_ok=True)
+
+
+def rank_error(run_dir: str | os.PathLike) -> Optional[str]:
+    """The lowest rank's expected mistake, left by a run under torchrun, if any."""
+    found = sorted(Path(run_dir).glob(f"{ERROR_MARKER}.*"),
+                   key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
+    for marker in found:
+        try:
+            return json.loads(marker.read_text())["error"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def restarted() -> bool:
+    """Whether torchrun (--max-restarts) started these ranks again after others failed."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+
+
+def stopped_before_restart(run_dir: Path) -> Optional[int]:
+    """The exit code again when the ranks torchrun restarted had stopped on purpose: a stop
+    signal that reached the ranks but not torchrun, or divergence, looks to torchrun like a
+    failure, and training on would undo the preemption (or diverge again, K times)."""
+    if not restarted():
+        return None
+    for marker, code in ((PREEMPTED_MARKER, EXIT_PREEMPTED), (DIVERGED_MARKER, EXIT_DIVERGED)):
+        if (run_dir / marker).is_file():
+            log.warning(f"torchrun restarted the ranks, but they had stopped on purpose ({run_dir / marker}); "
+                        f"exiting with {code} again")
+            return code
+    return None
+
+
+def leave_rank_error(run_dir: str | os.PathLike, rank: int, world_size: int, err: Exception) -> None:
+    """RUN/ERROR.<rank>: torchrun turns a rank's error into exit 1 and a traceback; this keeps the line."""
+    if world_size > 1:
+        marker = Path(run_dir) / f"{ERROR_MARKER}.{rank}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps({"rank": rank, "error": str(err)}) + "\n")
