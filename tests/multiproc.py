@@ -124,3 +124,19 @@ def children(pid: int) -> list[int]:
 def descendants(pid: int) -> list[int]:
     direct = children(pid)
     return direct + [grandchild for child in direct for grandchild in descendants(child)]
+
+
+def describe_tree(pid: int) -> str:
+    """One line per live process under pid (and pid): its state, the signals it ignores and
+    catches (hex masks from /proc) and its command, to say why a signal went nowhere."""
+    lines = []
+    for each in [pid, *descendants(pid)]:
+        try:
+            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{each}/status").read_text().splitlines()
+                          if ":\t" in line)
+            command = Path(f"/proc/{each}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        lines.append(f"{each} {status.get('State', '?').strip()} ignored {status.get('SigIgn', '?').strip()} "
+                     f"caught {status.get('SigCgt', '?').strip()} {command[:160]}")
+    return "\n".join(lines) or f"{pid}: gone"
