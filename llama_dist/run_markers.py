@@ -18,6 +18,7 @@ from llama_dist.logs import get_logger
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGUSR1; requeue to resume
 EXIT_DIVERGED = 3  # too many consecutive NaN/Inf steps; the last good checkpoint is kept
+EXIT_MISTAKE = 2  # an expected mistake (a UserError), what `llama-dist` exits with for one
 PREEMPTED_MARKER = "PREEMPTED"
 DIVERGED_MARKER = "DIVERGED"  # torchrun reports every failed worker as 1: the markers tell 75 and 3 apart
 ERROR_MARKER = "ERROR"  # ERROR.<rank>: an expected mistake a rank met, for `--nproc` to report as one line and 2
@@ -72,10 +73,13 @@ def restarted() -> bool:
     return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
 
 
-def stopped_before_restart(run_dir: Path) -> Optional[int]:
-    """The exit code again when the ranks torchrun restarted had stopped on purpose: a stop
-    signal that reached the ranks but not torchrun, or divergence, looks to torchrun like a
-    failure, and training on would undo the preemption (or diverge again, K times)."""
+def stopped_before_restart(run_dir: Path, world_size: int) -> Optional[int]:
+    """The exit code again when torchrun restarted ranks that had stopped on purpose or met
+    an expected mistake. A stop signal that reached the ranks but not torchrun, divergence
+    and a mistake (a corrupt checkpoint, say) all look to torchrun like a crash: training on
+    would undo the preemption or diverge again, and a mistake would be met again after the
+    model is built and loaded, once per restart. ERROR files of ranks beyond this world are
+    an older run's: the launcher clears them, a user's own torchrun may not."""
     if not restarted():
         return None
     for marker, code in ((PREEMPTED_MARKER, EXIT_PREEMPTED), (DIVERGED_MARKER, EXIT_DIVERGED)):
@@ -83,6 +87,16 @@ def stopped_before_restart(run_dir: Path) -> Optional[int]:
             log.warning(f"torchrun restarted the ranks, but they had stopped on purpose ({run_dir / marker}); "
                         f"exiting with {code} again")
             return code
+    mistakes = sorted((int(p.suffix[1:]), p) for p in run_dir.glob(f"{ERROR_MARKER}.*")
+                      if p.suffix[1:].isdigit() and int(p.suffix[1:]) < world_size)
+    if mistakes:
+        try:
+            reason = json.loads(mistakes[0][1].read_text())["error"]
+        except (OSError, ValueError, KeyError, TypeError):
+            reason = str(mistakes[0][1])
+        log.warning(f"torchrun restarted the ranks, but rank {mistakes[0][0]} had met a mistake a restart "
+                    f"cannot mend ({reason}); exiting with {EXIT_MISTAKE} again")
+        return EXIT_MISTAKE
     return None
 
 

@@ -14,7 +14,8 @@ SIGUSR1 (what SLURM sends before a time limit or preemption) every rank agrees a
 next step boundary, saves a checkpoint, writes RUN/PREEMPTED and exits with
 EXIT_PREEMPTED (75), so a batch script can requeue the job. After a rank crashes,
 torchrun --max-restarts N starts every rank again and the run goes on from its latest
-checkpoint (ranks that had stopped on purpose, preempted or diverged, exit again). With
+checkpoint (ranks that had stopped on purpose, preempted or diverged, or had met an
+expected mistake such as a corrupt checkpoint, exit again at once). With
 torchrun itself, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for that (`--nproc N
 --max-restarts K` and slurm/train.sbatch do), or a restarted rank may fail to connect
 (pytorch/pytorch#135712).
@@ -378,7 +379,7 @@ def train(cfg: Config) -> int:
         try:
             validate(cfg, world_size=info.world_size)
             run_dir = Path(cfg.train.run_dir)
-            stopped = stopped_before_restart(run_dir)
+            stopped = stopped_before_restart(run_dir, info.world_size)
             if stopped is not None:
                 return stopped
             if info.is_rank0:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from llama_dist.checkpoint import committed_checkpoints, is_committed
 from llama_dist.train import DIVERGED_MARKER, EXIT_DIVERGED, EXIT_PREEMPTED, PREEMPTED_MARKER
 from multiproc import children, describe_tree, kill_tree
@@ -197,9 +199,12 @@ def test_divergence_under_torchrun_exits_3_and_says_why(data_dir, tmp_path):
     assert not (run / DIVERGED_MARKER).exists()
 
 
-def test_a_mistake_met_inside_the_ranks_ends_in_one_line_and_exit_2(data_dir, tmp_path):
+@pytest.mark.parametrize("restarts", [0, 2])
+def test_a_mistake_met_inside_the_ranks_ends_in_one_line_and_exit_2(data_dir, tmp_path, restarts):
     """A corrupt shard passes `--nproc`'s checks and is found by the ranks' sha256 check;
-    torchrun reports it as 1 with its own traceback, so the last line must say what it was."""
+    torchrun reports it as 1 with its own traceback, so the last line must say what it was.
+    Under --max-restarts torchrun starts the ranks again, which must stop at once, before
+    building the model and reading the shard again: a restart cannot mend the file."""
     run = tmp_path / "run"
     first = subprocess.run(_command(data_dir, run, "train.steps=2", "checkpoint.interval=2"),
                            capture_output=True, text=True, env=_env(), timeout=120)
@@ -208,11 +213,14 @@ def test_a_mistake_met_inside_the_ranks_ends_in_one_line_and_exit_2(data_dir, tm
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    result = subprocess.run(_command(data_dir, run, "train.steps=4", nproc=2),
-                            capture_output=True, text=True, env=_env(), timeout=120)
+    result = subprocess.run([*_command(data_dir, run, "train.steps=4", nproc=2), "--max-restarts", str(restarts)],
+                            capture_output=True, text=True, env=_env(), timeout=180)
     assert result.returncode == 2, result.stdout + result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("llama-dist train: error: ") and "sha256" in last and shard.name in last, last
+    output = result.stdout + result.stderr
+    said = [line for line in output.splitlines() if "a mistake a restart cannot mend" in line]
+    assert len([line for line in said if not line.startswith("[rank")]) == restarts, output  # rank 0's, once a restart
 
 
 def test_a_rank_that_cannot_start_its_device_leaves_its_error_too(data_dir, tmp_path):

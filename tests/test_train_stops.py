@@ -177,3 +177,21 @@ def test_ranks_restarted_after_a_deliberate_stop_exit_again(data_dir, tmp_path, 
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert train(tiny_config(data_dir, run, "train.steps=2", "checkpoint.interval=1")) == 0
     assert not (run / marker).exists() and latest_checkpoint(run).name == "step-000002"
+
+
+def test_ranks_restarted_after_a_mistake_exit_2_at_once(data_dir, tmp_path, monkeypatch):
+    """torchrun restarts the ranks after one fails with an expected mistake too; they must stop
+    before building the model, not meet it again once per restart. An ERROR file of a rank
+    beyond this world is an older run's and stops nothing."""
+    from llama_dist.train import ERROR_MARKER
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mistake = run / f"{ERROR_MARKER}.0"
+    mistake.write_text('{"rank": 0, "error": "checkpoint step-000002: sha256 of consolidated.00.pth differs"}\n')
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train(tiny_config(data_dir, run, "train.steps=2", "checkpoint.interval=1")) == 2
+    assert mistake.is_file() and latest_checkpoint(run) is None
+    mistake.rename(run / f"{ERROR_MARKER}.1")  # a rank this world of one does not have
+    assert train(tiny_config(data_dir, run, "train.steps=2", "checkpoint.interval=1")) == 0
+    assert latest_checkpoint(run).name == "step-000002"
