@@ -37,6 +37,7 @@ from llama_dist.distributed import DistInfo, barrier
 from llama_dist.errors import UserError
 from llama_dist.files import atomic_copy_file, atomic_write_text, fsync_path
 from llama_dist.meta_format import load_shard, read_params, save_shard, shard_paths, write_params
+from llama_dist.run_markers import restarted
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -189,7 +190,7 @@ def _fault_point(where: str, step: int, info: DistInfo) -> None:
     """Tests kill a rank here (LLAMA_DIST_FAULT_KILL=save:STEP:RANK) to prove atomicity; only in
     torchrun's first attempt, so that ranks it restarts (--max-restarts) get past the fault."""
     spec = os.environ.get("LLAMA_DIST_FAULT_KILL", "")
-    if spec == f"{where}:{step}:{info.rank}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    if spec == f"{where}:{step}:{info.rank}" and not restarted():
         os._exit(9)
 
 

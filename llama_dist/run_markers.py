@@ -56,10 +56,13 @@ def clear_markers(run_dir: Path, errors: bool = True) -> None:
             marker.unlink(missing_ok=True)
 
 
-def rank_error(run_dir: str | os.PathLike) -> Optional[str]:
-    """The lowest rank's expected mistake, left by a run under torchrun, if any."""
+def rank_error(run_dir: str | os.PathLike, world_size: Optional[int] = None) -> Optional[str]:
+    """The lowest rank's expected mistake, left by a run under torchrun, if any; with
+    world_size, only from the ranks of such a world."""
     found = sorted(Path(run_dir).glob(f"{ERROR_MARKER}.*"),
                    key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
+    if world_size is not None:
+        found = [p for p in found if p.suffix[1:].isdigit() and int(p.suffix[1:]) < world_size]
     for marker in found:
         try:
             return json.loads(marker.read_text())["error"]
@@ -87,15 +90,10 @@ def stopped_before_restart(run_dir: Path, world_size: int) -> Optional[int]:
             log.warning(f"torchrun restarted the ranks, but they had stopped on purpose ({run_dir / marker}); "
                         f"exiting with {code} again")
             return code
-    mistakes = sorted((int(p.suffix[1:]), p) for p in run_dir.glob(f"{ERROR_MARKER}.*")
-                      if p.suffix[1:].isdigit() and int(p.suffix[1:]) < world_size)
-    if mistakes:
-        try:
-            reason = json.loads(mistakes[0][1].read_text())["error"]
-        except (OSError, ValueError, KeyError, TypeError):
-            reason = str(mistakes[0][1])
-        log.warning(f"torchrun restarted the ranks, but rank {mistakes[0][0]} had met a mistake a restart "
-                    f"cannot mend ({reason}); exiting with {EXIT_MISTAKE} again")
+    mistake = rank_error(run_dir, world_size)
+    if mistake is not None:
+        log.warning(f"torchrun restarted the ranks, but a rank had met a mistake a restart cannot mend "
+                    f"({mistake}); exiting with {EXIT_MISTAKE} again")
         return EXIT_MISTAKE
     return None
 
