@@ -90,7 +90,11 @@ def test_ctrl_c_in_a_terminal_saves_and_exits_with_the_preempted_code(data_dir, 
     it, it would hand its ranks a SIGINT, which stops them without a save (and exits 1)."""
     run = tmp_path / "run"
     cmd = _command(data_dir, run, "train.steps=100000", "parallel.mp=2", nproc=2)
-    proc, lines = _run_until_step(cmd, 2, start_new_session=True)  # a process group, as a shell's job
+    # a process group, as a shell's job, with SIGINT as a terminal's foreground job has it: a
+    # pytest started as `cmd &` by a script inherits SIGINT ignored, and the launcher keeps ignored
+    # signals ignored, as it must for `nohup`
+    proc, lines = _run_until_step(cmd, 2, start_new_session=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     torchrun = children(proc.pid)
     processes = [proc.pid, *torchrun, *(pid for parent in torchrun for pid in children(parent))]
     try:
