@@ -31,6 +31,7 @@ from llama_dist.checkpoint_files import (
     manifest_entries,
     optimizer_file,
     shard_file,
+    verify_manifest,
 )
 from llama_dist.config import Config
 from llama_dist.distributed import DistInfo, barrier
@@ -135,7 +136,7 @@ def save_checkpoint(
     target = step_dir(run_dir, step)
     if info.is_rank0:
         if target.exists() and not is_committed(target):
-            shutil.rmtree(target)  # the leftovers of a crashed save of this step
+            _remove_step_dir(target)  # the leftovers of a crashed save of this step
         target.mkdir(parents=True, exist_ok=True)
     if is_committed(target):  # already saved (e.g. preempted right after resuming)
         barrier()
@@ -202,17 +203,27 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: in
     for step, path in found[: max(0, len(found) - max(1, keep_last))]:
         if keep_every and step % keep_every == 0:
             continue
-        (path / COMMIT_MARKER).unlink()  # uncommit first: a half-deleted dir is never loaded
-        shutil.rmtree(path)
+        _remove_step_dir(path)
         doomed.append(path)
     if not found:
         return doomed
     for path in sorted(checkpoints_dir(run_dir).iterdir()):
         match = STEP_DIR.match(path.name)
         if match and int(match.group(1)) < found[-1][0] and path.is_dir() and not is_committed(path):
-            shutil.rmtree(path)
+            _remove_step_dir(path)
             doomed.append(path)
     return doomed
+
+
+def _remove_step_dir(path: Path) -> None:
+    """A step directory linked in from elsewhere (an imported checkpoint) loses the link only:
+    its files are not the run's to delete. A real one is uncommitted first, so that a delete
+    cut short leaves a directory no resume picks."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    (path / COMMIT_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path)
 
 
 # --------------------------------------------------------------------------- load
@@ -226,6 +237,14 @@ def check_compatible(ckpt_dir: Path, cfg: Config, mp_size: int) -> None:
             f"checkpoint {ckpt_dir} has MP={len(shards)} shards but this run has parallel.mp={mp_size}; "
             f"set parallel.mp={len(shards)} or run `llama-dist reshard {ckpt_dir} NEW_DIR --mp {mp_size}`"
         )
+    # weights alone (a Meta release resharded into the run, say) have nothing to resume
+    missing = [name for name in (TRAIN_STATE, *(optimizer_file(r) for r in range(len(shards))))
+               if not (ckpt_dir / name).is_file()]
+    if missing:
+        raise UserError(f"checkpoint {ckpt_dir} holds no {missing[0]}, so training cannot resume from it "
+                        f"(it holds weights only); move it out of {ckpt_dir.parent} or choose a new train.run_dir")
+    if cfg.checkpoint.verify:  # a corrupt params.json would otherwise be blamed on the config below
+        verify_manifest(ckpt_dir, [PARAMS_FILE], RESUME_FIX)
     saved = read_params(ckpt_dir).params_json()
     wanted = cfg.model.params_json()
     for key in sorted(set(saved) | set(wanted)):
@@ -266,7 +285,13 @@ def load_checkpoint(
 
 def _load_files(ckpt_dir: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], info: DistInfo,
                 rng_path: Path) -> dict[str, Any]:
-    train_state = json.loads((ckpt_dir / TRAIN_STATE).read_text())
+    try:
+        train_state = json.loads((ckpt_dir / TRAIN_STATE).read_text())
+        if not isinstance(train_state, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:  # reached with checkpoint.verify=false; the manifest check catches it first
+        raise UserError(f"{ckpt_dir / TRAIN_STATE} is damaged ({err}); resume from an earlier checkpoint "
+                        f"(delete this directory)") from None
     state = load_shard(ckpt_dir / shard_file(info.mp_rank))  # memory-mapped: copied once, into the model
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

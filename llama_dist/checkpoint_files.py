@@ -53,7 +53,9 @@ def _check_steps(ckpt_dir: Path, names: list[str], fix: str) -> Generator[None, 
         raise UserError(f"{ckpt_dir} has no {MANIFEST}; it is not a complete llama_dist checkpoint")
     try:
         files = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        if not all(isinstance(entry["sha256"], str) for entry in files.values()):
+            raise TypeError("a sha256 that is not a string")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise UserError(f"{manifest_path} is not a manifest of files and sha256s; {fix}") from None
     for name in names:
         if name not in files:

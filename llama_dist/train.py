@@ -44,7 +44,7 @@ from llama_dist import distributed
 from llama_dist.allocator import keep_freed_memory
 from llama_dist.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                    save_checkpoint)
-from llama_dist.checkpoint_files import TRAIN_STATE
+from llama_dist.checkpoint_files import TOKENIZER_FILE, TRAIN_STATE
 from llama_dist.config import Config, load_config, validate
 from llama_dist.distributed import DistInfo, get_logger
 from llama_dist.errors import UserError
@@ -103,6 +103,20 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def checkpoint_tokenizer(cfg: Config) -> Optional[Path]:
+    """The tokenizer every checkpoint carries a copy of: data.tokenizer, or the one prepare left
+    in data.dir. A configured path that is not there is a mistake; a data dir without one (shards
+    made elsewhere) means checkpoints without it."""
+    if cfg.data.tokenizer:
+        path = Path(cfg.data.tokenizer)
+        if not path.is_file():
+            raise UserError(f"data.tokenizer={cfg.data.tokenizer} is not a file; fix the path, or leave it "
+                            f"empty for {Path(cfg.data.dir) / TOKENIZER_FILE}")
+        return path
+    path = Path(cfg.data.dir) / TOKENIZER_FILE
+    return path if path.is_file() else None
+
+
 def fault_nan_steps() -> set[int]:
     """Tests inject a non-finite loss at these steps (LLAMA_DIST_FAULT_NAN=3,4)."""
     spec = os.environ.get("LLAMA_DIST_FAULT_NAN", "")
@@ -120,7 +134,10 @@ class Trainer:
         self.device = info.device
         self.dtype = resolve_dtype(cfg, self.device)
         self.run_dir = Path(cfg.train.run_dir)
-        self.tokenizer_path = Path(cfg.data.tokenizer or Path(cfg.data.dir) / "tokenizer.model")
+        self.tokenizer_path = checkpoint_tokenizer(cfg)
+        if self.tokenizer_path is None and info.is_rank0:
+            log.warning(f"{Path(cfg.data.dir) / TOKENIZER_FILE} is missing: checkpoints will hold no tokenizer; "
+                        f"set data.tokenizer to the one the shards were made with")
 
         distributed.seed_everything(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
@@ -407,6 +424,7 @@ def preflight(cfg: Config, world_size: int) -> None:
 
     validate(cfg, world_size=world_size)
     distributed.pick_device(cfg.train.device, cfg.parallel.backend)
+    checkpoint_tokenizer(cfg)
     dp_size = world_size // cfg.parallel.mp
     loaders = {split: TokenLoader(cfg.data.dir, split, cfg.data.seq_len, cfg.data.micro_batch_size, 0, dp_size,
                                   seed=cfg.data.seed, expected_vocab_size=cfg.model.vocab_size)

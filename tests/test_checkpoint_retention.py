@@ -45,6 +45,21 @@ def test_leftovers_of_crashed_saves_go_only_once_a_newer_checkpoint_exists(tmp_p
     assert _on_disk(empty) == [1]
 
 
+def test_a_checkpoint_linked_into_the_run_loses_the_link_only(tmp_path):
+    """A step directory may be a symlink to a checkpoint kept elsewhere; pruning must not
+    uncommit or delete what it points at (nor fail on it, which would end the run)."""
+    imported = tmp_path / "elsewhere" / "step-000000"
+    imported.mkdir(parents=True)
+    (imported / COMMIT_MARKER).write_text("0\n")
+    run = tmp_path / "run"
+    _fake_checkpoints(run, committed=[100, 200])
+    step_dir(run, 0).symlink_to(imported, target_is_directory=True)
+    assert [step for step, _ in committed_checkpoints(run)] == [0, 100, 200]
+    removed = prune_checkpoints(run, keep_last=2, keep_every=0)
+    assert [p.name for p in removed] == ["step-000000"] and _on_disk(run) == [100, 200]
+    assert sorted(p.name for p in imported.iterdir()) == [COMMIT_MARKER]
+
+
 def test_a_run_keeps_what_the_config_says(data_dir, tmp_path):
     run = tmp_path / "run"
     # a crashed save at step 3 of an earlier attempt with another interval: this run never saves step 3
