@@ -46,6 +46,9 @@ launch_torchrun() {
     local cores
     cores=$(nproc)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}
+    # after Ctrl-C or kill the ranks save before they exit; torchrun's default 30 s before it
+    # kills them is shorter than a large model's save (llama_dist/launcher.py gives the same)
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
     echo "+ torchrun --standalone --nproc_per_node $nproc -m $module $*" >&2
     exec torchrun --standalone --nproc_per_node "$nproc" -m "$module" "$@"
 }

@@ -130,6 +130,8 @@ def load_config(name: Optional[str] = None, overrides: Optional[list[str]] = Non
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, a binary file
+            raise ConfigError(f"{path}: cannot be read as a YAML text file ({err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     cfg = from_dict(raw)
@@ -153,18 +155,24 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def apply_override(cfg: Config, item: str) -> None:
-    """Apply one `section.key=value`; the value is parsed as YAML, then coerced by type."""
+    """Apply one `section.key=value`; the value is parsed as YAML, then coerced by type,
+    except for a text setting, which takes the text as typed (YAML would turn the run
+    directory 010 into 8, and 1.10 into 1.1)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.steps=100)")
     dotted, text = item.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) != 2:
         raise ConfigError(f"override key '{dotted}' must be section.key (e.g. optim.lr=1e-4)")
+    target = _section(cfg, parts[0])
+    if typing.get_type_hints(type(target)).get(parts[1]) is str:
+        _set(target, dotted, parts[1], text.strip())
+        return
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    _set(_section(cfg, parts[0]), dotted, parts[1], value)
+    _set(target, dotted, parts[1], value)
 
 
 def _section(cfg: Config, name: str) -> Any:
@@ -231,6 +239,9 @@ def coerce(value: Any, kind: Any, where: str) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
+MAX_TIMEOUT_MINUTES = 525_600
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Reject impossible combinations with a message that names both values."""
     m, p = cfg.model, cfg.parallel
@@ -248,8 +259,16 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     for key, value in positive.items():
         if not value > 0:  # written this way round so that NaN fails too
             raise ConfigError(f"{key} must be positive, got {value}")
-    if not math.isfinite(p.timeout_minutes):
-        raise ConfigError(f"parallel.timeout_minutes must be a number of minutes, got {p.timeout_minutes}")
+    if not p.timeout_minutes <= MAX_TIMEOUT_MINUTES:  # timedelta and the backends take no more
+        raise ConfigError(f"parallel.timeout_minutes must be at most {MAX_TIMEOUT_MINUTES} (a year), "
+                          f"got {p.timeout_minutes}")
+    for key, text in {"train.run_dir": cfg.train.run_dir, "data.dir": cfg.data.dir}.items():
+        if not text.strip():  # an empty run_dir would save checkpoints into the working directory
+            raise ConfigError(f"{key} must not be empty; give a directory")
+    peak = cfg.log.cpu_peak_tflops
+    if peak is not None and not (peak > 0 and math.isfinite(peak)):
+        raise ConfigError(f"log.cpu_peak_tflops must be a positive number of TFLOP/s, got {peak}; "
+                          f"leave it unset (null) to measure the peak at start")
     if cfg.train.eval_interval > 0 and cfg.train.eval_batches <= 0:
         raise ConfigError(f"train.eval_batches must be positive, got {cfg.train.eval_batches}; "
                           f"set train.eval_interval=0 to turn validation off")

@@ -59,15 +59,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pick_device(device: str = "auto", backend: str = "auto") -> torch.device:
-    """The device the ranks train on; refuses what this machine cannot do (the launcher checks first)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def pick_device(device: str = "auto", backend: str = "auto", local_processes: int = 1) -> torch.device:
+    """The device the ranks train on; refuses what this machine cannot do (the launcher checks first).
+
+    `local_processes` is how many ranks share this node: one GPU each, so no more than it has."""
+    if device == "auto":  # gloo moves CPU tensors: asked for, it means training on the CPU
+        device = "cuda" if torch.cuda.is_available() and backend != "gloo" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
     if backend == "nccl" and device == "cpu":  # train.device=auto on a machine without CUDA
         raise ConfigError("parallel.backend=nccl needs a CUDA device and none is visible; "
                           "use parallel.backend=gloo or auto")
+    if device == "cuda" and local_processes > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise ConfigError(f"{local_processes} processes on this node but {gpus} GPU(s) visible, and each "
+                          f"process takes one; start {gpus} per node (--nproc {gpus}, NPROC_PER_NODE) "
+                          f"or use train.device=cpu")
     return torch.device(device)
 
 
@@ -81,7 +88,7 @@ def init_distributed(mp: int = 1, backend: str = "auto", device: str = "auto",
     one rank per shard writes a checkpoint, the others wait) before the run fails;
     NCCL's own default is 10 minutes, which a large model's save can outlast.
     """
-    dev = pick_device(device, backend)
+    dev = pick_device(device, backend, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         if backend == "auto":

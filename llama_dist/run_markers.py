@@ -27,14 +27,21 @@ log = get_logger("llama_dist.train")
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1; the loop checks it at step boundaries on every rank."""
+    """Remembers a request to save and stop; the loop checks it at step boundaries on every rank.
+
+    SIGTERM and SIGUSR1 are what SLURM and `kill` send. Ctrl-C (SIGINT) and a closed terminal
+    (SIGHUP) mean the same, as they do under `--nproc`, unless this process was started with
+    them ignored (nohup, a script's `cmd &`). A second Ctrl-C stops at once, without the save.
+    """
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignal":
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        catch = [signal.SIGTERM, signal.SIGUSR1]
+        catch += [sig for sig in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(sig) is not signal.SIG_IGN]
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in catch}
         return self
 
     def __exit__(self, *_exc) -> None:
@@ -42,7 +49,12 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame) -> None:
-        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            if self.received is not None:
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: saving a checkpoint at the end of this step, then stopping; "
+                        "Ctrl-C again stops at once without it")
+        self.received = self.received or signal.Signals(signum).name
 
 
 def clear_markers(run_dir: Path, errors: bool = True) -> None:

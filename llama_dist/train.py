@@ -12,7 +12,8 @@ Several nodes (run on every node; HOST is the first node's address):
 The run resumes from the latest complete checkpoint in train.run_dir. On SIGTERM or
 SIGUSR1 (what SLURM sends before a time limit or preemption) every rank agrees at the
 next step boundary, saves a checkpoint, writes RUN/PREEMPTED and exits with
-EXIT_PREEMPTED (75), so a batch script can requeue the job. After a rank crashes,
+EXIT_PREEMPTED (75), so a batch script can requeue the job; Ctrl-C and a closed terminal
+do the same (a second Ctrl-C stops at once, unsaved). After a rank crashes,
 torchrun --max-restarts N starts every rank again and the run goes on from its latest
 checkpoint (ranks that had stopped on purpose, preempted or diverged, or had met an
 expected mistake such as a corrupt checkpoint, exit again at once). With
@@ -423,7 +424,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     from llama_dist.loader import TokenLoader
 
     validate(cfg, world_size=world_size)
-    distributed.pick_device(cfg.train.device, cfg.parallel.backend)
+    distributed.pick_device(cfg.train.device, cfg.parallel.backend, local_processes=world_size)
     checkpoint_tokenizer(cfg)
     dp_size = world_size // cfg.parallel.mp
     loaders = {split: TokenLoader(cfg.data.dir, split, cfg.data.seq_len, cfg.data.micro_batch_size, 0, dp_size,
@@ -439,6 +440,13 @@ def preflight(cfg: Config, world_size: int) -> None:
 
 
 
+def _marker_step(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
 def cli(argv: list[str]) -> int:
     from llama_dist.launcher import relaunch, under_torchrun
 
@@ -449,7 +457,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="with --nproc: after a rank fails, start all again (resuming from the latest "
                              "checkpoint) up to this many times")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `--nproc 2 train.steps=5` as well as `train.steps=5 --nproc 2`
+    if args.nproc < 1:
+        parser.error(f"--nproc must be 1 or more, got {args.nproc}")
     if args.max_restarts < 0 or (args.max_restarts and args.nproc < 2):
         parser.error("--max-restarts needs --nproc 2 or more and a count >= 0")
     cfg = load_config(args.config, args.overrides)  # fail fast, before starting any process
@@ -458,10 +468,16 @@ def cli(argv: list[str]) -> int:
         run_dir = Path(cfg.train.run_dir)
         clear_markers(run_dir)
         code = relaunch("llama_dist.train", [args.config, *args.overrides], args.nproc, args.max_restarts)
-        # torchrun reports any worker failure as 1; a marker says it was a preemption save or divergence
+        # torchrun reports any worker failure as 1; a marker says it was a preemption save or divergence,
+        # and the last line says so in place of torchrun's report of failed workers
         if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
+            print(f"llama-dist train: stopped by a signal after saving step {_marker_step(run_dir / PREEMPTED_MARKER)}; "
+                  f"the same command resumes there", file=sys.stderr)
             return EXIT_PREEMPTED
         if code != 0 and (run_dir / DIVERGED_MARKER).is_file():
+            print(f"llama-dist train: stopped at step {_marker_step(run_dir / DIVERGED_MARKER)} after "
+                  f"train.max_bad_steps non-finite steps; lower optim.lr or check the data, then resume "
+                  f"from the latest good checkpoint", file=sys.stderr)
             return EXIT_DIVERGED
         error = rank_error(run_dir) if code != 0 else None
         if error is not None:

@@ -56,6 +56,21 @@ def test_bad_overrides(override, message):
     assert "\n" not in str(err.value)
 
 
+def test_text_settings_keep_the_text_as_typed():
+    """YAML reads 010 as octal 8, 1.10 as 1.1 and yes as true: a directory name is none of those."""
+    cfg = load_config("tiny", ["train.run_dir=010", "data.dir=1.10", "data.tokenizer=yes", "train.dtype=fp32"])
+    assert (cfg.train.run_dir, cfg.data.dir, cfg.data.tokenizer) == ("010", "1.10", "yes")
+    assert load_config("tiny", ["model.rope_theta=1e4"]).model.rope_theta == 10000.0  # numbers still parse
+
+
+def test_a_config_that_is_not_text_is_named_in_one_line(tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match=r"weights.yaml: cannot be read as a YAML text file") as err:
+        load_config(str(path))
+    assert "\n" not in str(err.value)
+
+
 def test_whole_numbers_with_an_exponent_are_ints():
     cfg = load_config("tiny", ["train.steps=1e3", "optim.warmup_steps=2.5e1"])
     assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
@@ -112,7 +127,13 @@ def test_invalid_combinations_name_both_values(overrides, message):
     (["train.max_bad_steps=0"], "train.max_bad_steps must be positive, got 0"),
     (["model.norm_eps=0"], "model.norm_eps must be positive, got 0.0"),  # params.json would lose it
     (["parallel.timeout_minutes=0"], "parallel.timeout_minutes must be positive, got 0.0"),
-    (["parallel.timeout_minutes=inf"], "parallel.timeout_minutes must be a number of minutes, got inf"),
+    (["parallel.timeout_minutes=inf"], "parallel.timeout_minutes must be at most 525600 (a year), got inf"),
+    # past what timedelta takes: an OverflowError traceback in every rank
+    (["parallel.timeout_minutes=1e13"], "parallel.timeout_minutes must be at most 525600 (a year), got 10000000000000.0"),
+    (["train.run_dir="], "train.run_dir must not be empty; give a directory"),  # else checkpoints land in ./
+    (["data.dir= "], "data.dir must not be empty; give a directory"),
+    (["log.cpu_peak_tflops=-2"], "log.cpu_peak_tflops must be a positive number of TFLOP/s, got -2.0"),
+    (["log.cpu_peak_tflops=.nan"], "log.cpu_peak_tflops must be a positive number of TFLOP/s, got nan"),
     (["model.use_scaled_rope=true"], "model.use_scaled_rope=true needs a model.rope_theta"),
 ])
 def test_out_of_range_values(overrides, message):

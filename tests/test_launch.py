@@ -21,7 +21,8 @@ SCRIPTS = {"train.sh": "llama_dist.train", "generate.sh": "llama_dist.generation
 FAKE_TORCHRUN = """#!{python}
 import json, os, sys
 with open(os.environ["FAKE_TORCHRUN_LOG"], "w") as f:
-    json.dump({{"argv": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS")}}, f)
+    json.dump({{"argv": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS"),
+               "shutdown": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}}, f)
 sys.exit(int(os.environ.get("FAKE_TORCHRUN_EXIT", "0")))
 """
 
@@ -37,7 +38,7 @@ def fake_torchrun(tmp_path: Path):
     log = tmp_path / "torchrun.json"
 
     def run(script: str, *args: str, **env: str):
-        full_env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "OMP_NUM_THREADS")}
+        full_env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "OMP_NUM_THREADS", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}
         full_env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_TORCHRUN_LOG=str(log), CUDA_VISIBLE_DEVICES="")
         full_env.update(env)
         log.unlink(missing_ok=True)
@@ -71,6 +72,17 @@ def test_arguments_pass_through(fake_torchrun, script):
 def test_exit_status_is_torchrun_s(fake_torchrun):
     done, _ = fake_torchrun("train.sh", "configs/tiny.yaml", NPROC="2", FAKE_TORCHRUN_EXIT="75")
     assert done.returncode == 75
+
+
+def test_torchrun_waits_for_a_save_as_long_as_under_llama_dist(fake_torchrun):
+    """After Ctrl-C or kill, torchrun gives its ranks 30 s by default before it kills them,
+    which a large model's save outlasts; the scripts give what `llama-dist train --nproc` does."""
+    from llama_dist.launcher import SHUTDOWN_TIMEOUT_S
+
+    _, record = fake_torchrun("train.sh", "configs/tiny.yaml", NPROC="2")
+    assert record["shutdown"] == str(SHUTDOWN_TIMEOUT_S)
+    _, record = fake_torchrun("train.sh", "configs/tiny.yaml", NPROC="2", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="45")
+    assert record["shutdown"] == "45"
 
 
 def test_bad_nproc(fake_torchrun):

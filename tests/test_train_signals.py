@@ -72,6 +72,20 @@ def test_sigterm_saves_and_exits_with_the_preempted_code(data_dir, tmp_path):
     assert not (run / PREEMPTED_MARKER).exists()
 
 
+def test_ctrl_c_in_a_single_process_saves_too(data_dir, tmp_path):
+    """Without --nproc there is no launcher to turn Ctrl-C into SIGTERM: the trainer itself
+    takes it as SIGTERM, rather than dying of KeyboardInterrupt with its steps unsaved."""
+    run = tmp_path / "run"
+    proc, lines = _run_until_step(_command(data_dir, run, "train.steps=100000"), 3, start_new_session=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does, to its foreground job
+    output = _finish(proc, lines)
+    assert proc.returncode == EXIT_PREEMPTED, output
+    saved = json.loads((run / PREEMPTED_MARKER).read_text())["step"]
+    assert [step for step, _ in committed_checkpoints(run)] == [saved]
+    assert saved >= 3 and "Ctrl-C: saving a checkpoint" in output and "received SIGINT" in output
+
+
 def test_sigusr1_to_the_launcher_reaches_both_torchrun_ranks(data_dir, tmp_path):
     run = tmp_path / "run"
     proc, lines = _run_until_step(_command(data_dir, run, "train.steps=100000", "parallel.mp=2", nproc=2), 2)
@@ -82,6 +96,8 @@ def test_sigusr1_to_the_launcher_reaches_both_torchrun_ranks(data_dir, tmp_path)
     saved = json.loads((run / PREEMPTED_MARKER).read_text())["step"]
     ckpt = committed_checkpoints(run)[-1][1]
     assert ckpt.name == f"step-{saved:06d}"
+    assert output.strip().splitlines()[-1] == (f"llama-dist train: stopped by a signal after saving step {saved}; "
+                                               f"the same command resumes there")
     assert sorted(p.name for p in ckpt.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
 
 
@@ -196,6 +212,8 @@ def test_divergence_under_torchrun_exits_3_and_says_why(data_dir, tmp_path):
     assert "the latest good checkpoint is" in output and "step-000002" in output
     assert json.loads((run / DIVERGED_MARKER).read_text())["step"] == 4
     assert [step for step, _ in committed_checkpoints(run)] == [2]
+    assert diverged.stderr.strip().splitlines()[-1].startswith("llama-dist train: stopped at step 4 after "
+                                                               "train.max_bad_steps non-finite steps")
     # a new start clears the marker
     again = subprocess.run(_command(data_dir, run, "train.steps=3", "parallel.mp=2", nproc=2),
                            capture_output=True, text=True, timeout=180, env=_env())

@@ -78,6 +78,52 @@ def test_a_stop_on_an_eval_step_saves_without_validating_first(data_dir, tmp_pat
     assert saved == [2] and validated == []
 
 
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """SIGINT at Python's own handler, whatever this pytest inherited (ignored, under `cmd &`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_or_a_closed_terminal_ask_for_a_save_and_a_second_ctrl_c_stops_at_once(sigint_as_in_a_terminal):
+    from llama_dist.run_markers import StopSignal
+
+    with StopSignal() as stop:
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("the first Ctrl-C stopped the run without a save")
+        assert stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous_hup = signal.signal(signal.SIGHUP, lambda *_: None)
+    try:
+        with StopSignal() as stop:
+            signal.raise_signal(signal.SIGHUP)
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.received == "SIGHUP"  # the first one is the reason given
+    finally:
+        signal.signal(signal.SIGHUP, previous_hup)
+
+
+def test_signals_the_process_was_started_ignoring_stay_ignored(sigint_as_in_a_terminal):
+    """nohup leaves SIGHUP ignored, and a script's `cmd &` SIGINT: the user asked for no stop."""
+    from llama_dist.run_markers import StopSignal
+
+    previous_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignal() as stop:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGHUP)
+            assert stop.received is None
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous_hup)
+
+
 def test_a_signal_while_the_run_starts_is_a_save_at_the_first_step(data_dir, tmp_path, monkeypatch):
     """SIGTERM while the model builds or a checkpoint loads (minutes for a large one) is kept."""
     from llama_dist.train import EXIT_PREEMPTED, PREEMPTED_MARKER, Trainer

@@ -7,7 +7,6 @@ import logging
 import math
 import re
 import shutil
-import time
 
 import pytest
 import torch
@@ -425,6 +424,38 @@ def test_nccl_without_cuda_is_refused_before_any_rank_starts(data_dir, tmp_path)
     cfg = tiny_config(data_dir, tmp_path / "run", "train.device=auto", "parallel.backend=nccl")
     with pytest.raises(UserError, match=r"^parallel.backend=nccl needs a CUDA device and none is visible; "):
         preflight(cfg, world_size=2)
+
+
+def test_more_processes_than_gpus_are_refused_in_one_line(data_dir, tmp_path, monkeypatch):
+    """On a one-GPU machine, --nproc 2 (or a torchrun with 2 local ranks) would end in CUDA's
+    'invalid device ordinal' traceback from rank 1, with no ERROR file for the launcher."""
+    from llama_dist.train import preflight
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = tiny_config(data_dir, tmp_path / "run", "parallel.mp=2", "train.device=auto", "parallel.backend=auto")
+    message = r"^2 processes on this node but 1 GPU\(s\) visible, and each process takes one; start 1 per node"
+    with pytest.raises(UserError, match=message):
+        preflight(cfg, world_size=2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # what torchrun tells each rank
+    with pytest.raises(UserError, match=message):
+        distributed.init_distributed(mp=2)
+    assert distributed.pick_device("auto", "auto", local_processes=1).type == "cuda"
+    assert distributed.pick_device("auto", "gloo", local_processes=2).type == "cpu"  # gloo: CPU tensors
+
+
+def test_train_command_line_takes_overrides_after_options_and_refuses_nproc_below_one(monkeypatch, capsys):
+    from llama_dist import train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda cfg: seen.append(cfg) or 0)
+    assert train_module.cli(["tiny", "--nproc", "1", "train.steps=3", "optim.lr=1e-3"]) == 0
+    assert (seen[0].train.steps, seen[0].optim.lr) == (3, 1e-3)
+    for bad in ("0", "-3"):  # ran one process as if nothing were wrong
+        with pytest.raises(SystemExit) as exited:
+            train_module.cli(["tiny", "--nproc", bad])
+        assert exited.value.code == 2 and f"--nproc must be 1 or more, got {bad}" in capsys.readouterr().err
+    assert len(seen) == 1
 
 
 def test_resumed_optimizer_state_is_a_copy_not_a_view_of_the_file(data_dir, committed_run, tmp_path):
