@@ -20,19 +20,20 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-import yaml
 
-from llama_dist.checkpoint_files import CONFIG_FILE, TOKENIZER_FILE
+from llama_dist.checkpoint_files import CONFIG_FILE, PARAMS_FILE, TOKENIZER_FILE
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
 from llama_dist.files import staged_directory
 from llama_dist.meta_format import read_params
 from llama_dist.model_args import ModelArgs
-from llama_dist.reshard import parse_dtype
+from llama_dist.reshard import parse_dtype, read_config_yaml
 from llama_dist.reshard_cli import DTYPE_NAMES
 from llama_dist.sharded_source import PathLike, iter_merged_tensors
 
 MAX_SHARD_BYTES = 2 << 30  # one safetensors file is held in memory while it is written
+# the released contexts where params.json says nothing (as transformers' configs of the releases do)
+LLAMA3_THETA, LLAMA3_CONTEXT, LLAMA31_CONTEXT = 500000.0, 8192, 131072
 # transformers' name and parameters for Llama 3.1's stretched rotary (model.stretch_slow_frequencies)
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -103,14 +104,45 @@ def _special_ids(sp) -> dict[str, Optional[int]]:
     return {name: (i if i >= 0 else None) for name, i in ids.items()}  # -1: the model has none
 
 
+def _configured_seq_len(ckpt: Path) -> Optional[int]:
+    """config.yaml's model.max_seq_len, if the run saved one."""
+    path = ckpt / CONFIG_FILE
+    if not path.is_file():
+        return None
+    model = read_config_yaml(path).get("model") or {}
+    if not isinstance(model, dict):
+        raise UserError(f"{path} has a model section that is not a mapping of keys; fix or remove it")
+    seq_len = model.get("max_seq_len")
+    return seq_len if isinstance(seq_len, int) and seq_len > 0 else None
+
+
 def _max_positions(ckpt: Path, args: ModelArgs) -> int:
-    """The context the model was trained for: config.yaml's model.max_seq_len, if the run saved one."""
-    if (ckpt / CONFIG_FILE).is_file():
-        config = yaml.safe_load((ckpt / CONFIG_FILE).read_text()) or {}
-        seq_len = (config.get("model") or {}).get("max_seq_len") if isinstance(config, dict) else None
-        if isinstance(seq_len, int) and seq_len > 0:
-            return seq_len
-    return args.max_seq_len
+    """The context the model was trained for: config.yaml's, else its release's (Meta's params.json
+    has none): 131072 for Llama 3.1's stretched rotary, 8192 for Llama 3's theta, else ModelArgs'.
+
+    transformers wants a stretched rotary's max_position_embeddings above its original context.
+    """
+    seq_len = _configured_seq_len(ckpt)
+    if seq_len is None:
+        if args.use_scaled_rope:
+            seq_len = LLAMA31_CONTEXT
+        else:
+            seq_len = LLAMA3_CONTEXT if args.rope_theta == LLAMA3_THETA else args.max_seq_len
+    original = LLAMA31_ROPE["original_max_position_embeddings"]
+    if args.use_scaled_rope and seq_len <= original:
+        log.info(f"export-hf: {CONFIG_FILE}'s max_seq_len {seq_len} is not above the stretched rotary's original "
+                 f"context {original}, as transformers requires; writing Llama 3.1's {LLAMA31_CONTEXT}")
+        seq_len = LLAMA31_CONTEXT
+    return seq_len
+
+
+def _check_transformers_shape(ckpt: Path, args: ModelArgs) -> None:
+    """Meta's heads may span less than dim (n_heads * (dim // n_heads)); transformers refuses to load
+    a config whose head count does not divide hidden_size, so the export would be unusable."""
+    if args.dim % args.n_heads:
+        raise UserError(f"{ckpt / PARAMS_FILE} has dim={args.dim}, which n_heads={args.n_heads} does not divide; "
+                        f"transformers' Llama needs hidden_size divisible by the head count, so export-hf "
+                        f"cannot write this model")
 
 
 def hf_config(args: ModelArgs, vocab_size: int, dtype: torch.dtype, max_positions: int,
@@ -216,6 +248,7 @@ def export_hf(ckpt_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dty
     if not ckpt.is_dir():
         raise UserError(f"checkpoint directory {ckpt} does not exist")
     args = read_params(ckpt)
+    _check_transformers_shape(ckpt, args)
     max_positions = _max_positions(ckpt, args)
     sp = _load_tokenizer(ckpt)
     special = _special_ids(sp)

@@ -141,6 +141,15 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     return order.gather(-1, choice).squeeze(-1)
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """temperature >= 0 (0 is greedy) and top_p in [0, 1] (0 keeps the most likely token alone, so it
+    is greedy too): outside them the probabilities turn to 0 or NaN, and torch.multinomial fails mid-decode."""
+    if not 0 <= temperature < float("inf"):
+        raise UserError(f"temperature must be a finite number of at least 0 (0 is greedy), got {temperature}")
+    if not 0 <= top_p <= 1:
+        raise UserError(f"top_p must be between 0 and 1 (0 keeps only the most likely token), got {top_p}")
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) at each position: logits (B, T, V), targets (B, T) -> (B, T)."""
     return -F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
@@ -200,6 +209,7 @@ class Llama:
         Returns the new tokens per prompt (prompt included with echo) and, with
         logprobs, log p(token) for each returned token (0.0 for a prompt's first).
         """
+        check_sampling(temperature, top_p)
         bsz, lengths = len(prompt_tokens), [len(t) for t in prompt_tokens]
         self._check_batch(bsz, lengths)
         if max_gen_len < 0:
@@ -300,7 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("ckpt", help="checkpoint directory: consolidated.NN.pth + params.json (+ tokenizer.model)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-p", type=float, default=0.9,
+                        help="sample from the most likely tokens holding this mass, 0 to 1 (0 is greedy)")
     parser.add_argument("--max-gen-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--tokenizer", default=None, help="default: CKPT/tokenizer.model")
@@ -312,6 +323,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    check_sampling(args.temperature, args.top_p)  # before N ranks load the model
     n_shards = len(meta_format.shard_paths(args.ckpt))
     if n_shards > 1 and not under_torchrun():
         print(f"{args.ckpt} has {n_shards} model-parallel shards: starting {n_shards} ranks", file=sys.stderr)

@@ -51,6 +51,8 @@ OPTIMIZER_KEY = re.compile(r"^(exp_avg|exp_avg_sq|step)/(.+)$")
 # rng files hold a generator per global rank of the old world; checklist.chk (in Meta's
 # releases) holds md5s of the old shards: neither is true after a reshard
 STALE_FILE = re.compile(r"^(rng\.\d+\.pt|checklist\.chk|.*\.tmp)$")
+# files only a training checkpoint has (Meta's releases have none), which must then be committed
+TRAINING_FILE = re.compile(rf"^(optimizer\.\d+\.pt|rng\.\d+\.pt|{re.escape(TRAIN_STATE)}|{re.escape(MANIFEST)})$")
 
 log = get_logger("llama_dist.reshard")
 
@@ -115,26 +117,64 @@ def _inspect_optimizer(ckpt_dir: Path, model: ModelShards) -> Optional[Sharded]:
     return Sharded(paths, _load_optimizer, _check_optimizer_keys, shapes, dtypes, dims)
 
 
+def _check_committed(src: Path) -> None:
+    """A directory with any training file is one of our checkpoints, which counts only once
+    committed: resharding an unfinished save would give it a manifest and a marker of its own."""
+    if not src.is_dir():
+        return  # inspect_model says so
+    training = sorted(p.name for p in src.iterdir() if TRAINING_FILE.match(p.name))
+    if training and not (src / COMMITTED).is_file():
+        more = f" and {len(training) - 4} more" if len(training) > 4 else ""  # an rng file per rank: hundreds
+        raise UserError(f"{src} has {', '.join(training[:4])}{more} but no {COMMITTED} marker: an incomplete "
+                        f"checkpoint (a run stopped while saving, or a delete cut short); reshard a committed one")
+
+
+def _one_line_reason(err: Exception) -> str:
+    """One line on why yaml, json or the text decoder refused a file: yaml's messages span several."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if problem and mark is not None:
+        return f"{problem}, line {mark.line + 1}"
+    return " ".join(str(err).split())[:200]
+
+
+def read_config_yaml(path: Path) -> dict:
+    """A checkpoint's config.yaml as a dict of sections; a malformed one is a one-line error."""
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid YAML ({_one_line_reason(err)}); fix or remove it") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a config of sections; fix or remove it")
+    return config
+
+
+def _read_train_state(path: Path, n: int) -> dict:
+    """train_state.json, an object whose mp (if any) is the source's shard count."""
+    try:
+        state = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a binary file
+        raise UserError(f"{path} is not valid JSON ({_one_line_reason(err)}); the checkpoint is damaged: "
+                        f"reshard an earlier one") from None
+    if not isinstance(state, dict) or not isinstance(state.get("dp", 1), int):
+        raise UserError(f"{path} is not a training state (a JSON object with an integer dp); the checkpoint "
+                        f"is damaged: reshard an earlier one")
+    if state.get("mp", n) != n:
+        raise UserError(f"{path} says mp={state['mp']} but {path.parent} holds {n} shards; "
+                        f"the checkpoint is inconsistent")
+    return state
+
+
 def _training_texts(src: Path, n: int, mp: int) -> dict[str, str]:
     """train_state.json and config.yaml with the new mp, prepared before anything is written."""
     texts = {}
     if (src / TRAIN_STATE).exists():
-        if not (src / COMMITTED).exists():
-            raise UserError(f"{src} has no {COMMITTED} marker: an incomplete checkpoint (a run stopped "
-                            f"while saving); reshard a committed one")
-        try:
-            state = json.loads((src / TRAIN_STATE).read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{src / TRAIN_STATE} is not valid JSON ({err})") from None
-        if state.get("mp", n) != n:
-            raise UserError(f"{src / TRAIN_STATE} says mp={state['mp']} but {src} holds {n} shards; "
-                            f"the checkpoint is inconsistent")
+        state = _read_train_state(src / TRAIN_STATE, n)
         # same data parallelism on M * dp processes; a different launch is the trainer's to reconcile
-        state["mp"], state["world_size"] = mp, int(state.get("dp", 1)) * mp
+        state["mp"], state["world_size"] = mp, state.get("dp", 1) * mp
         texts[TRAIN_STATE] = json.dumps(state, indent=2) + "\n"
     if (src / CONFIG_FILE).exists():
-        config = yaml.safe_load((src / CONFIG_FILE).read_text()) or {}
-        if not isinstance(config, dict) or not isinstance(config.setdefault("parallel", {}), dict):
+        config = read_config_yaml(src / CONFIG_FILE)
+        if not isinstance(config.setdefault("parallel", {}), dict):
             raise UserError(f"{src / CONFIG_FILE} is not a config of sections; fix or remove it")
         config["parallel"]["mp"] = mp
         texts[CONFIG_FILE] = yaml.safe_dump(config, sort_keys=False)
@@ -315,6 +355,7 @@ def reshard(src: PathLike, dst: PathLike, mp: int, dtype: Union[str, DType, "tor
 
 def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[DType], force: bool,
              check: Optional[BackgroundCheck], show_progress: bool) -> None:
+    _check_committed(src)  # first: an unfinished save may lack shards too
     model = inspect_model(src)
     _check_divisible(model, mp)
     optimizer = _inspect_optimizer(src, model)

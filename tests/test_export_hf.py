@@ -160,3 +160,50 @@ def test_bf16_export_and_refusals(tmp_path, tokenizer_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if it were not installed
     with pytest.raises(UserError, match=r"^export-hf needs the safetensors package: pip install safetensors$"):
         export_hf(ckpt, tmp_path / "again")
+
+
+@pytest.mark.parametrize("rope_theta, scaled, configured, expected", [
+    (None, False, None, 2048),  # Llama 2: ModelArgs' max_seq_len, as before
+    (500000.0, False, None, 8192),  # Llama 3's release
+    (500000.0, True, None, 131072),  # Llama 3.1's release, as transformers' configs of it say
+    (500000.0, False, 64, 64),  # a run's config.yaml says what it trained for
+    (500000.0, True, 16384, 16384),
+    (500000.0, True, 4096, 131072),  # transformers wants more than the stretch's original 8192
+])
+def test_max_positions_follow_the_release_without_config_yaml(tmp_path, tokenizer_model, rope_theta, scaled,
+                                                              configured, expected):
+    args = dataclasses.replace(gqa_args(320, rope_theta), use_scaled_rope=scaled)
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", args, tokenizer_model)
+    if configured:
+        (ckpt / "config.yaml").write_text(f"model:\n  max_seq_len: {configured}\n")
+    export_hf(ckpt, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] == expected
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["model_max_length"] == expected
+    if scaled:
+        assert config["rope_scaling"]["original_max_position_embeddings"] == 8192 < expected
+        assert transformers.LlamaConfig.from_pretrained(tmp_path / "hf").max_position_embeddings == expected
+
+
+@pytest.mark.parametrize("text, match", [
+    ("model:\n\tmax_seq_len: 64\n", r"config.yaml is not valid YAML \(found character '\\t' that cannot start "
+                                    r"any token, line 2\); fix or remove it$"),
+    ("model: [64]\n", r"config.yaml has a model section that is not a mapping of keys; fix or remove it$"),
+    ("- model\n", r"config.yaml is not a config of sections; fix or remove it$"),
+], ids=["tab", "model_list", "top_list"])
+def test_a_malformed_config_yaml_is_one_line(tmp_path, tokenizer_model, text, match):
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", gqa_args(320), tokenizer_model)
+    (ckpt / "config.yaml").write_text(text)
+    with pytest.raises(UserError, match=match) as err:
+        export_hf(ckpt, tmp_path / "hf")
+    assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()
+
+
+def test_a_head_count_that_does_not_divide_dim_is_refused(tmp_path, tokenizer_model):
+    """Meta's format allows 8 heads of 8 in a 66-wide model; transformers' LlamaConfig does not."""
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", dataclasses.replace(gqa_args(320), dim=66, n_heads=8),
+                              tokenizer_model)
+    with pytest.raises(UserError, match=r"params.json has dim=66, which n_heads=8 does not divide; transformers' "
+                                        r"Llama needs hidden_size divisible by the head count") as err:
+        export_hf(ckpt, tmp_path / "hf")
+    assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()

@@ -184,6 +184,35 @@ def test_prompt_and_batch_limits(ckpt1):
         llama.generate([[]], 4)
 
 
+BAD_SAMPLING = [  # (temperature, top_p, message): each once made NaN probabilities or a silent other setting
+    (1.0, -0.5, r"top_p must be between 0 and 1 .*, got -0.5$"),
+    (1.0, 1.5, r"top_p must be between 0 and 1 .*, got 1.5$"),
+    (1.0, float("nan"), r"top_p must be between 0 and 1 .*, got nan$"),
+    (-1.0, 0.9, r"temperature must be a finite number of at least 0 \(0 is greedy\), got -1.0$"),
+    (float("inf"), 0.9, r"temperature must be .*, got inf$"),
+    (float("nan"), 0.9, r"temperature must be .*, got nan$"),
+]
+
+
+def test_sampling_settings_are_checked(ckpt1):
+    llama = Llama.build(ckpt1, None, 16, 1, device="cpu")
+    prompt = [llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)]
+    for temperature, top_p, message in BAD_SAMPLING:
+        with pytest.raises(UserError, match=message):
+            llama.generate(prompt, 4, temperature, top_p)
+        with pytest.raises(UserError, match=message):
+            llama.text_completion(PROMPTS[:1], temperature, top_p, max_gen_len=4)
+    # the ends of the range: top_p 0 keeps the most likely token alone, which is greedy
+    assert llama.generate(prompt, 6, 1.0, 0.0) == llama.generate(prompt, 6, 0.0)
+    llama.generate(prompt, 6, 1.0, 1.0)  # and 1 samples from every token
+
+
+def test_cli_generate_bad_top_p_is_one_line(ckpt1, capsys):
+    assert cli_main(["generate", str(ckpt1), "--prompt", PROMPTS[0], "--top-p", "-0.5", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "top_p must be between 0 and 1" in err and "Traceback" not in err, err
+
+
 # --------------------------------------------------------------------------- decoding
 
 

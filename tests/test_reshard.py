@@ -227,9 +227,9 @@ def _break(kind: str, tmp_path: Path):
     elif kind == "n_heads":
         mp = 3
     weights = model_weights(args)
-    training = kind in ("optimizer", "uncommitted", "corrupt")
+    training = kind in ("optimizer", "uncommitted", "corrupt", "unfinished", "pruned", "bad_yaml", "state_list")
     src = write_checkpoint(tmp_path / "src", args, weights, shards, optimizer_state(weights) if training else None,
-                           commit=kind != "uncommitted")
+                           commit=kind not in ("uncommitted", "unfinished", "pruned"))
     if kind == "missing_shard":
         reshard(src, tmp_path / "four", 4)
         src = tmp_path / "four"
@@ -258,6 +258,15 @@ def _break(kind: str, tmp_path: Path):
         torch.save(shard, src / "consolidated.01.pth")
     elif kind == "optimizer":
         (src / "optimizer.01.pt").unlink()
+    elif kind in ("unfinished", "pruned"):  # a save killed before train_state.json; a delete cut short
+        doomed = ["train_state.json", "manifest.json", "config.yaml"]
+        doomed += ["optimizer.00.pt", "optimizer.01.pt"] if kind == "pruned" else []
+        for name in doomed:
+            (src / name).unlink()
+    elif kind == "bad_yaml":  # a tab cannot indent YAML
+        (src / "config.yaml").write_text("model:\n\tdim: 64\n")
+    elif kind == "state_list":
+        (src / "train_state.json").write_text("[7]")
     return src, mp
 
 
@@ -279,7 +288,15 @@ CHECKS = {
     "corrupt": r"consolidated.01.pth does not match its sha256 in manifest.json: the file is corrupt; "
                r"reshard an earlier checkpoint, or pass --no-verify",
     "optimizer": r"has optimizer.00.pt but 2 model shards",
-    "uncommitted": r"no COMMITTED marker",
+    "uncommitted": r"src has manifest.json, optimizer.00.pt, optimizer.01.pt, rng.00000.pt and 2 more but no "
+                   r"COMMITTED marker",
+    "unfinished": r"src has optimizer.00.pt, optimizer.01.pt, rng.00000.pt, rng.00001.pt but no COMMITTED "
+                  r"marker: an incomplete checkpoint .*; reshard a committed one$",
+    "pruned": r"src has rng.00000.pt, rng.00001.pt but no COMMITTED marker",
+    "bad_yaml": r"config.yaml is not valid YAML \(found character '\\t' that cannot start any token, line 2\); "
+                r"fix or remove it$",
+    "state_list": r"train_state.json is not a training state \(a JSON object with an integer dp\); the "
+                  r"checkpoint is damaged: reshard an earlier one$",
 }
 
 
