@@ -183,6 +183,7 @@ def save_checkpoint(
         fsync_path(target)
         atomic_write_text(target / COMMIT_MARKER, f"{step}\n")
         fsync_path(target)
+        fsync_path(target.parent)  # the step's own entry, before a prune removes older ones
     barrier()
     return target
 

@@ -108,4 +108,6 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--prompt", default="def ", help="the generation prompt")
     parser.add_argument("--max-gen-len", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.steps < 1:  # else the tokenizer and the data take minutes before every rank refuses it
+        parser.error(f"--steps must be 1 or more, got {args.steps}")
     return demo(Path(args.dir), args.steps, args.max_bytes, args.prompt, args.max_gen_len)

@@ -177,7 +177,10 @@ def staged_directory(dst: str | os.PathLike, force: bool = False,
     tmp.mkdir()
     try:
         yield tmp
-        fsync_path(tmp)
+        for folder, _dirs, names in os.walk(tmp):  # what the block wrote, however it wrote it, then the entries
+            for name in names:
+                fsync_path(os.path.join(folder, name))
+            fsync_path(folder)
         _swap_in(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

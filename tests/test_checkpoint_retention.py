@@ -1,5 +1,7 @@
 """Which checkpoints a run keeps: the newest keep_last, every keep_every-th, and no leftovers."""
 
+from pathlib import Path
+
 from llama_dist.checkpoint import COMMIT_MARKER, committed_checkpoints, prune_checkpoints, step_dir
 from llama_dist.train import train
 
@@ -69,3 +71,19 @@ def test_a_run_keeps_what_the_config_says(data_dir, tmp_path):
     assert train(cfg) == 0
     assert [step for step, _ in committed_checkpoints(run)] == [4, 6, 7]
     assert _on_disk(run) == [4, 6, 7]
+
+
+def test_a_new_checkpoint_s_entry_is_synced_before_older_ones_are_pruned(data_dir, tmp_path, monkeypatch):
+    """Else a power cut could keep the prune's deletions and lose the new step's directory entry."""
+    from llama_dist import checkpoint
+
+    events = []
+    real_prune = checkpoint.prune_checkpoints
+    monkeypatch.setattr(checkpoint, "fsync_path", lambda path: events.append(("sync", Path(path))))
+    monkeypatch.setattr("llama_dist.train.prune_checkpoints",
+                        lambda *args: (events.append(("prune",)), real_prune(*args))[1])
+    run = tmp_path / "run"
+    assert train(tiny_config(data_dir, run, "train.steps=2", "checkpoint.interval=1", "checkpoint.keep_last=1")) == 0
+    assert _on_disk(run) == [2]
+    first_prune = events.index(("prune",))
+    assert ("sync", run / "checkpoints") in events[:first_prune]

@@ -28,3 +28,14 @@ def test_demo_runs_end_to_end_and_reuses_its_data(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "reusing" in again.stdout and "nothing to do" in again.stdout
     assert "resumed from" in again.stdout and "step 1/" not in again.stdout
+
+
+def test_a_step_count_below_one_is_refused_before_any_work(tmp_path, capsys):
+    import pytest
+
+    from llama_dist.demo import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli(["--dir", str(tmp_path), "--steps", "0"])
+    assert exited.value.code == 2 and "--steps must be 1 or more, got 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no tokenizer trained, no data prepared

@@ -28,6 +28,21 @@ def test_a_completed_block_replaces_the_destination(tmp_path):
     assert contents(tmp_path) == {"dst/new.txt": "new"}
 
 
+def test_everything_the_block_wrote_is_on_disk_before_the_swap(tmp_path, monkeypatch):
+    """The block's writers (safetensors, json) do not fsync: after a power cut just past the swap,
+    the new directory must not hold empty files where the replaced one held whole ones."""
+    synced = []
+    monkeypatch.setattr(files, "fsync_path", lambda path: synced.append(Path(path)))
+    real_swap = files._swap_in
+    monkeypatch.setattr(files, "_swap_in", lambda tmp, dst: (synced.append("swap"), real_swap(tmp, dst)))
+    with staged_directory(tmp_path / "dst") as tmp:
+        (tmp / "a.json").write_text("{}")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"x")
+    before = synced[: synced.index("swap")]
+    assert {tmp / "a.json", tmp / "sub" / "b.bin", tmp, tmp / "sub"} <= set(before)
+
+
 @pytest.mark.parametrize("where", ["same", "parent", "inside"])
 def test_the_source_is_never_the_destination_nor_under_it(tmp_path, where):
     src = make_dir(tmp_path / "a" / "src", "source")
