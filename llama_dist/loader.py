@@ -16,6 +16,7 @@ up at that number; nothing is repeated or skipped.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -27,6 +28,44 @@ from llama_dist.files import sha256_file
 from llama_dist.errors import UserError
 
 STATE_VERSION = 1
+FILE_HEADROOM = 64  # descriptors left over for everything else: sockets, logs, checkpoint files
+
+
+def _open_files() -> int:
+    """File descriptors this process holds now (0 where the system will not say)."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(listing))
+        except OSError:
+            continue
+    return 0
+
+
+def allow_open_files(count: int, what: str) -> None:
+    """Make room for `count` more open files, or say in one line how to.
+
+    Every memory-mapped shard holds a file descriptor for the loader's life, and a soft
+    limit of 1024 (the systemd and Slurm default) is a raw EMFILE halfway through a big
+    corpus; the soft limit may be raised up to the hard one without privileges.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = _open_files() + count + FILE_HEADROOM
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+            return
+        except (ValueError, OSError):  # macOS refuses more than kern.maxfilesperproc
+            pass
+    ceiling = "unlimited" if hard == resource.RLIM_INFINITY else hard
+    raise UserError(f"{what} has {count} shards, each held open while training, but this process may open only "
+                    f"{soft} files (hard limit {ceiling}); run `ulimit -n {need}` first, or prepare with a larger "
+                    "--shard-tokens")
 
 
 class TokenLoader:
@@ -101,6 +140,7 @@ class TokenLoader:
             found = sorted({s["split"] for s in self.manifest["shards"]})
             hint = "; prepare with --val-fraction > 0 and more documents" if self.split == "val" else ""
             raise UserError(f"{self.data_dir} has no '{self.split}' split (it has: {', '.join(found) or 'none'}){hint}")
+        allow_open_files(len(entries), f"the {self.split} split of {self.data_dir}")
         expected_dtype = np.dtype(self.manifest["dtype"])
         arrays = []
         for entry in entries:

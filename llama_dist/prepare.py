@@ -12,6 +12,11 @@ moment every open shard is closed and `prepare.progress.json` records how many
 documents are done, so a rerun after an interruption continues from there and
 produces the same files an uninterrupted run would. `manifest.json` is written
 last: until it exists, nothing here looks complete.
+
+Replacing a finished directory (--overwrite) leaves its manifest, shards and
+tokenizer copy in place until the new run is complete: shard names carry the
+run's key, so the two runs never share a file, and the old shards are removed
+only once the new manifest has been written.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import multiprocessing
 import os
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,11 +40,11 @@ from llama_dist import shards
 from llama_dist.files import atomic_copy_file, atomic_write_json, sha256_file
 from llama_dist.errors import UserError
 from llama_dist.sources import Corpus, parse_size
-from llama_dist.tokenizer import TOKENIZER_FILE, Tokenizer
+from llama_dist.tokenizer import TOKENIZER_FILE, Tokenizer, make_out_dir
 
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB as uint16
 BATCH_CHARS = 1 << 18  # text per worker task: big enough to hide pickling, small enough to balance
-PROGRESS_FILE = "prepare.progress.json"
+PROGRESS_FILE = shards.PROGRESS_FILE
 SPLITS = ("train", "val")
 
 
@@ -107,7 +114,8 @@ class ShardSink:
 
     def _open(self, split: str) -> shards.ShardWriter:
         number = sum(1 for s in self.shards if s["split"] == split)
-        writer = shards.ShardWriter(self.out / f"{split}-{number:05d}.bin", self.dtype)
+        # the key in the name: a run replacing another (--overwrite) never writes over its shards
+        writer = shards.ShardWriter(self.out / f"{split}-{number:05d}-{self.key[:8]}.bin", self.dtype)
         self.writers[split] = writer
         return writer
 
@@ -171,9 +179,16 @@ def _stream(corpus: Corpus, sink: ShardSink, workers: int, tokenizer_path: str, 
     # fork where we can: spawn would re-run a caller's script without a __main__ guard in every
     # worker (endlessly, as the pool replaces them); the workers only run sentencepiece
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, sink.dtype.str)) as pool:
-        run(lambda texts: pool.apply_async(_encode_in_worker, (texts,)).get, window=2 * workers)
+    # an executor, not a Pool: a Pool replaces a killed worker and waits forever for its task
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                               initializer=_init_worker, initargs=(tokenizer_path, sink.dtype.str))
+    try:
+        run(lambda texts: pool.submit(_encode_in_worker, texts).result, window=2 * workers)
+    except BrokenProcessPool:
+        raise UserError("an encoding worker died (out of memory? try fewer --workers); rerun the same "
+                        "command to continue after the last finished shard") from None
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- the run
@@ -207,7 +222,11 @@ def _complete(out: Path, manifest: dict[str, Any], tokenizer_sha: str) -> bool:
 
 def _check_existing(out: Path, key: str, tokenizer: Path, tokenizer_sha: str, overwrite: bool,
                     progress: bool) -> Optional[Path]:
-    """Decide what an existing out_dir means: reuse (its manifest path), replace, or refuse."""
+    """Decide what an existing out_dir means: reuse (its manifest path), replace, or refuse.
+
+    Only a dataset that is already unusable is removed here; one replaced with --overwrite
+    stays whole until the new run commits (see _published).
+    """
     say = print if progress else (lambda *_: None)
     manifest_path = out / shards.MANIFEST
     copied_tokenizer = out / TOKENIZER_FILE
@@ -236,16 +255,24 @@ def _check_existing(out: Path, key: str, tokenizer: Path, tokenizer_sha: str, ov
                 what = "shards made with other inputs or settings"
             raise UserError(f"{out} already holds {what}; choose another --out or pass --overwrite to replace them")
         else:
-            say(f"prepare: replacing the shards in {out} (--overwrite)")
+            say(f"prepare: replacing the shards in {out} (--overwrite) once the new ones are complete")
+            return None
         manifest_path.unlink()  # from here on nothing in out_dir looks complete
         _clean(out)
-        if not in_place:
-            copied_tokenizer.unlink(missing_ok=True)  # the old shards' tokenizer goes with them
     elif copied_tokenizer.exists() and not in_place and not overwrite \
             and sha256_file(copied_tokenizer) != tokenizer_sha:
         raise UserError(f"{copied_tokenizer} is a different tokenizer than {tokenizer}; "
                         "choose another --out or pass --overwrite to replace it")
     return None
+
+
+def _published(out: Path) -> set[str]:
+    """The files of the finished dataset in out_dir, which a run replacing it must not touch."""
+    try:
+        manifest = json.loads((out / shards.MANIFEST).read_text())
+        return {shards.MANIFEST} | {entry["file"] for entry in manifest["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: nothing to keep
+        return set()
 
 
 def _intact(path: Path, tokens: int) -> bool:
@@ -255,8 +282,11 @@ def _intact(path: Path, tokens: int) -> bool:
         return False
 
 
-def _resume_point(out: Path, key: str, progress: bool) -> tuple[int, list[dict[str, Any]]]:
-    """Documents and shards an interrupted run with the same key finished; (0, []) otherwise."""
+def _resume_point(out: Path, key: str, progress: bool, keep: set[str]) -> tuple[int, list[dict[str, Any]]]:
+    """Documents and shards an interrupted run with the same key finished; (0, []) otherwise.
+
+    Other files of ours are removed, except those named in `keep`.
+    """
     say = print if progress else (lambda *_: None)
     path = out / PROGRESS_FILE
     state: Optional[dict[str, Any]] = None
@@ -266,14 +296,13 @@ def _resume_point(out: Path, key: str, progress: bool) -> tuple[int, list[dict[s
         except ValueError:
             state = None
     if state and state.get("key") == key and all(_intact(out / s["file"], s["tokens"]) for s in state["shards"]):
-        keep = {s["file"] for s in state["shards"]} | {PROGRESS_FILE}
-        _clean(out, keep)
+        _clean(out, keep | {s["file"] for s in state["shards"]} | {PROGRESS_FILE})
         say(f"prepare: continuing an interrupted run after {state['documents']:,} documents "
             f"({len(state['shards'])} shards kept)")
         return int(state["documents"]), list(state["shards"])
-    if any(_is_ours(p.name) for p in out.iterdir()):
+    if any(_is_ours(p.name) and p.name not in keep for p in out.iterdir()):
         say(f"prepare: discarding an unfinished run in {out} (other inputs, settings or tokenizer)")
-    _clean(out)
+    _clean(out, keep)
     return 0, []
 
 
@@ -311,11 +340,11 @@ def prepare(
         [shards.VERSION, tokenizer_sha, corpus.fingerprint(), val_period, shard_tokens]).encode()).hexdigest()
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     reused = _check_existing(out, key, tokenizer_file, tokenizer_sha, overwrite, progress)
     if reused is not None:
         return reused
-    done_documents, done_shards = _resume_point(out, key, progress)
+    done_documents, done_shards = _resume_point(out, key, progress, keep=_published(out))
 
     from tqdm import tqdm
 
@@ -334,6 +363,7 @@ def prepare(
 
     copied = out / TOKENIZER_FILE
     if not (copied.exists() and copied.resolve() == tokenizer_file.resolve()):
+        # before the manifest: should we die in between, a rerun resumes with every shard done
         atomic_copy_file(tokenizer_file, copied)
     stats = corpus.stats
     manifest = shards.make_manifest(
@@ -343,7 +373,7 @@ def prepare(
     )
     manifest_path = out / shards.MANIFEST
     atomic_write_json(manifest_path, manifest)  # last: now the directory is complete
-    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    _clean(out, keep={entry["file"] for entry in sink.shards} | {shards.MANIFEST})  # a replaced run's shards
 
     if warning := stats.warning():
         print(warning)

@@ -35,6 +35,7 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIQ8x")
 HEADER_SIZE = HEADER.size  # 32
 MANIFEST = "manifest.json"
+PROGRESS_FILE = "prepare.progress.json"  # an unfinished prepare's checkpoint, beside its shards
 MANIFEST_FORMAT = "llama_dist.tokens"
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 

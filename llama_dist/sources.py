@@ -9,21 +9,25 @@ streamed one at a time, so no corpus is ever held in memory whole.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import sysconfig
 import tarfile
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
+from llama_dist import shards
 from llama_dist.errors import UserError
 
 # files a directory contributes; an explicitly named file is read whatever its suffix
@@ -50,12 +54,14 @@ def parse_size(text: str | int | None) -> Optional[int]:
     value = text.strip().lower().removesuffix("b").removesuffix("i")
     if not value:
         return None
+    unit = units.get(value[-1], 1)
     try:
-        if value[-1] in units:
-            return int(float(value[:-1]) * units[value[-1]])
-        return int(float(value))
+        number = float(value[:-1] if unit > 1 else value) * unit
     except ValueError:
-        raise UserError(f"size '{text}' is not a byte count; write e.g. 50M, 1G or 2000000") from None
+        number = math.nan
+    if not math.isfinite(number):  # 'inf', 'nan' and 1e400 are floats but no byte count
+        raise UserError(f"size '{text}' is not a byte count; write e.g. 50M, 1G or 2000000")
+    return int(number)
 
 
 @dataclass
@@ -75,21 +81,27 @@ class CorpusStats:
                 f"in {len(self.undecodable_files)} file(s): {shown}")
 
 
+_tally = threading.local()  # bytes replaced by the decode running in this thread
+
+
+def _replace_counting(err: UnicodeError) -> tuple[str, int]:
+    """A codec error handler: what errors="replace" does, plus a tally of the bytes replaced."""
+    _tally.bad += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("llama_dist.replace_counting", _replace_counting)
+
+
 def decode_counting(data: bytes) -> tuple[str, int]:
-    """UTF-8 text with bad bytes replaced, and how many bytes were bad."""
-    try:
-        return data.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        pass
-    bad, view = 0, memoryview(data)
-    while True:
-        try:
-            bytes(view).decode("utf-8")
-            break
-        except UnicodeDecodeError as err:
-            bad += err.end - err.start
-            view = view[err.end:]
-    return data.decode("utf-8", errors="replace"), bad
+    """UTF-8 text with bad bytes replaced, and how many bytes were bad.
+
+    One pass: the handler counts as the decoder goes, where decoding the rest again after
+    every bad byte took quadratic time on a file in another encoding.
+    """
+    _tally.bad = 0
+    text = data.decode("utf-8", errors="llama_dist.replace_counting")
+    return text, _tally.bad
 
 
 # --------------------------------------------------------------------------- resolving SRC specs
@@ -105,10 +117,33 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def is_prepare_output(directory: Path) -> bool:
+    """Whether `llama-dist prepare` wrote here (finished, or interrupted and resumable)."""
+    if (directory / shards.PROGRESS_FILE).is_file():
+        return True
+    try:
+        with open(directory / shards.MANIFEST, "rb") as f:
+            head = f.read(4096)  # ours names its format first; a corpus's own manifest.json may be huge
+    except OSError:
+        return False
+    return f'"format": "{shards.MANIFEST_FORMAT}"'.encode() in head
+
+
 def _dir_files(directory: Path) -> list[Path]:
-    files = [p for p in directory.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(directory).parts)]
-    return sorted((p for p in files if _suffix(p) in TEXT_SUFFIXES), key=lambda p: p.as_posix())
+    """Text files under `directory`, leaving out hidden ones and prepare's outputs.
+
+    An out dir inside its input (`--input corpus --out corpus/tokens`) is skipped whole,
+    and an out dir that is the input loses its manifest.json and progress file: read as
+    text, they would change the inputs of the very run that wrote them.
+    """
+    files = []
+    for root, subdirs, names in os.walk(directory):
+        here = Path(root)
+        subdirs[:] = [d for d in subdirs if not d.startswith(".") and not is_prepare_output(here / d)]
+        if is_prepare_output(here):
+            names = [n for n in names if n not in (shards.MANIFEST, shards.PROGRESS_FILE)]
+        files += [here / n for n in names if not n.startswith(".") and _suffix(Path(n)) in TEXT_SUFFIXES]
+    return sorted((p for p in files if p.is_file()), key=lambda p: p.as_posix())
 
 
 def _suffix(path: Path) -> str:
@@ -295,23 +330,26 @@ class Corpus:
 
     def _text(self, path: Path, f: IO[bytes]) -> Iterator[tuple[int, str]]:
         """Documents end at `<|endoftext|>` lines, at the end of the file, or after about
-        DOC_CHUNK_BYTES at a line end (never inside a UTF-8 character)."""
-        buf, eof = b"", False
+        DOC_CHUNK_BYTES at a break (see _cut), so a file without line ends stays bounded too."""
+        buf, eof, line_start = bytearray(), False, True  # line_start: buf begins a line
         while not eof:
             block = f.read(DOC_CHUNK_BYTES)
             eof = not block
             buf += block
             start = 0
             for match in END_OF_TEXT_LINE.finditer(buf) if END_OF_TEXT in buf else ():
+                if match.start() == 0 and not line_start:
+                    continue  # the rest of a line cut in two: the marker is not at its start
                 if not eof and buf[match.end() - 1 : match.end()] != b"\n":
                     break  # the marker's line may continue in the next block
                 yield match.end() - start, self._decode(path, buf[start : match.start()])
-                start = match.end()
-            buf = buf[start:]
-            # a line longer than DOC_CHUNK_BYTES stays whole: cut = 0 ends the loop
-            while len(buf) >= DOC_CHUNK_BYTES and (cut := buf.rfind(b"\n", 0, DOC_CHUNK_BYTES) + 1):
+                start, line_start = match.end(), True
+            del buf[:start]
+            while len(buf) > DOC_CHUNK_BYTES:  # _cut looks at the byte after the limit
+                cut = _cut(buf, DOC_CHUNK_BYTES)
                 yield cut, self._decode(path, buf[:cut])
-                buf = buf[cut:]
+                line_start = buf[cut - 1] == ord("\n")
+                del buf[:cut]
         if buf:
             yield len(buf), self._decode(path, buf)
 
@@ -341,6 +379,19 @@ class Corpus:
         for i, record in enumerate(records):
             raw = share + (remainder if i == len(records) - 1 else 0)
             yield raw, _field(record, names, f"{path} item {i}")
+
+
+def _cut(buf: bytearray, limit: int) -> int:
+    """Where to end a document in the first `limit` bytes: after the last line end, else the last
+    CR (old Mac text), else the last space or tab, else between two UTF-8 characters."""
+    for separators in (b"\n", b"\r", b" \t"):
+        cut = max(buf.rfind(sep, 0, limit) for sep in separators) + 1
+        if cut:
+            return cut
+    cut = limit
+    while cut > limit - 3 and buf[cut] & 0xC0 == 0x80:  # a continuation byte: inside a character
+        cut -= 1
+    return cut
 
 
 def _open(path: Path) -> IO[bytes]:

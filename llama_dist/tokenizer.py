@@ -76,8 +76,27 @@ class Tokenizer:
         return self.sp_model.decode(list(ids))
 
 
+def make_out_dir(out: Path) -> None:
+    """Create --out (and its parents); a file in the way is the user's mistake, not a traceback."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--out {out} is a file; give a directory") from None
+    except NotADirectoryError:
+        raise UserError(f"--out {out} lies under a file, not a directory; give a directory") from None
+
+
+def _too_long(line: str) -> bool:
+    """Longer than sentencepiece's max_sentence_length, which it counts in UTF-8 bytes."""
+    return len(line) > MAX_SENTENCE_BYTES or (4 * len(line) > MAX_SENTENCE_BYTES
+                                              and len(line.encode()) > MAX_SENTENCE_BYTES)
+
+
 def _sentences(corpus: Corpus, counter: list[int], progress: bool) -> Iterator[str]:
-    """Non-blank lines of every document: sentencepiece's unit of training text."""
+    """Non-blank lines of every document: sentencepiece's unit of training text.
+
+    counter[0] counts them and counter[1] those too long for sentencepiece to keep.
+    """
     from tqdm import tqdm
 
     bar = tqdm(total=corpus.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
@@ -88,11 +107,33 @@ def _sentences(corpus: Corpus, counter: list[int], progress: bool) -> Iterator[s
             for line in doc.split("\n"):
                 if line.strip():
                     counter[0] += 1
+                    counter[1] += _too_long(line)
                     yield line
             bar.update(corpus.stats.bytes - seen)
             seen = corpus.stats.bytes
     finally:
         bar.close()
+
+
+def _keeping_error(sentences: Iterator[str], errors: list[BaseException]) -> Iterator[str]:
+    """The sentences, remembering what stopped them: sentencepiece hands an exception raised
+    here back as its own INTERNAL error, with the message mangled and a stack fragment added."""
+    try:
+        yield from sentences
+    except (Exception, KeyboardInterrupt) as err:  # not GeneratorExit: closing it is no error
+        errors.append(err)
+        raise
+
+
+def _training_failure(err: RuntimeError, vocab_size: int, counter: list[int]) -> UserError:
+    """One line on why sentencepiece refused to train."""
+    if counter[0] and counter[1] == counter[0]:
+        return UserError(
+            f"every line of the corpus is longer than {MAX_SENTENCE_BYTES} bytes, the longest sentencepiece "
+            "trains on; give it text with line breaks (not one-line JSON, nor CR-only line ends)")
+    # sentencepiece's checks read "INTERNAL: file(line) [condition] message": keep the message
+    message = str(err).split("] ", 1)[-1].strip() or str(err).strip()
+    return UserError(f"sentencepiece could not train a {vocab_size}-token vocabulary: {message}")
 
 
 def train_tokenizer(
@@ -118,14 +159,15 @@ def train_tokenizer(
         raise UserError(f"input_sentence_size must be positive, got {input_sentence_size}")
     corpus = Corpus(inputs, text_field=text_field, max_bytes=max_bytes)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     start = time.perf_counter()
     model = io.BytesIO()
-    counter = [0]
+    counter = [0, 0]
+    errors: list[BaseException] = []
     set_random_generator_seed(seed)  # the sentence sample, hence the vocabulary, is reproducible
     try:
         SentencePieceTrainer.train(
-            sentence_iterator=_sentences(corpus, counter, progress),
+            sentence_iterator=_keeping_error(_sentences(corpus, counter, progress), errors),
             model_writer=model,
             vocab_size=vocab_size,
             input_sentence_size=input_sentence_size,
@@ -134,9 +176,11 @@ def train_tokenizer(
             **LLAMA_TRAINER_SETTINGS,
         )
     except RuntimeError as err:
-        # sentencepiece's checks read "INTERNAL: file(line) [condition] message": keep the message
-        message = str(err).split("] ", 1)[-1].strip()
-        raise UserError(f"sentencepiece could not train a {vocab_size}-token vocabulary: {message}") from None
+        if errors:  # the corpus's own error (a bad JSON line, Ctrl-C), as it was raised
+            raise errors[0] from None
+        raise _training_failure(err, vocab_size, counter) from None
+    if errors:  # in case sentencepiece took the error for the end of the input
+        raise errors[0]
     path = out / TOKENIZER_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(model.getvalue())

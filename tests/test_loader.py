@@ -1,6 +1,9 @@
 """The loader over synthetic shards whose token k is k: every row names the sample it came from."""
 
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -217,3 +220,33 @@ def test_manifest_shard_mismatch(data):
     (data / shards.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="manifest lists 701"):
         TokenLoader(str(data), "train", SEQ, 1, 0, 1)
+
+
+OPEN_WITH_LIMIT = """
+import resource, sys
+soft, hard = int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard if hard > 0 else resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from llama_dist.errors import UserError
+from llama_dist.loader import TokenLoader
+try:
+    loader = TokenLoader(sys.argv[1], "train", 16, 2, 0, 1)
+    next(loader)
+    print("opened", len(loader._tokens), "shards; soft limit now", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+except UserError as err:
+    print("UserError:", err)
+"""
+
+
+@pytest.mark.parametrize("hard, expected", [
+    (0, r"opened 150 shards; soft limit now \d+"),  # 0: the hard limit stays as it is, room to raise
+    (64, r"UserError: the train split of \S+ has 150 shards, .*open only 64 files .*`ulimit -n \d+`.*"),
+])
+def test_many_shards_raise_the_open_file_limit_or_say_ulimit(tmp_path, hard, expected):
+    """A soft limit below the shard count (1024 under systemd and Slurm) was a raw EMFILE."""
+    resource = pytest.importorskip("resource")
+    if 0 <= resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1024:
+        pytest.skip("the hard limit on open files is below 1024 here")
+    write_synthetic_data(tmp_path / "d", [20] * 150, [20])
+    run = subprocess.run([sys.executable, "-c", OPEN_WITH_LIMIT, str(tmp_path / "d"), "64", str(hard)],
+                         capture_output=True, text=True, timeout=120)
+    assert re.fullmatch(expected, run.stdout.strip()), run.stdout + run.stderr

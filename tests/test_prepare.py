@@ -3,6 +3,11 @@
 import hashlib
 import io
 import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -268,3 +273,107 @@ def test_cli_and_bad_arguments(tmp_path, tok_path, capsys):
         assert cli_main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_a_failed_overwrite_leaves_the_old_dataset_whole(tmp_path, tok_path, other_tok_path, monkeypatch):
+    monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 300)
+    documents = write_text_corpus(tmp_path / "c", 30)
+    out = tmp_path / "out"
+    run([tmp_path / "c"], tok_path, out, shard_tokens=300)
+    before = _snapshot(out)
+    bad = tmp_path / "b.jsonl"  # the mistake is at the very end, after new shards were written
+    bad.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(40, seed=5)) + '{"txt": "x"}\n')
+    with pytest.raises(UserError, match="no 'text' field"):
+        run([bad], other_tok_path, out, overwrite=True, shard_tokens=300)
+    assert (out / prepare_mod.PROGRESS_FILE).exists()  # the new run's finished shards are kept too
+    assert {name: data for name, data in _snapshot(out).items() if name in before} == before
+    assert_prepared_as(out, tok_path, documents, 0.01)  # the old dataset, still whole and loadable
+    TokenLoader(str(out), "train", 8, 1, 0, 1)
+
+    new_documents = write_text_corpus(tmp_path / "d", 30, seed=5)
+    real_write, calls = shards.ShardWriter.write, [0]
+
+    def crashing_write(self, tokens):
+        calls[0] += 1
+        if calls[0] == 20:
+            raise KeyboardInterrupt
+        real_write(self, tokens)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        run([tmp_path / "d"], other_tok_path, out, overwrite=True, shard_tokens=300)
+    monkeypatch.setattr(shards.ShardWriter, "write", real_write)
+    assert {name: data for name, data in _snapshot(out).items() if name in before} == before
+
+    run([tmp_path / "d"], other_tok_path, out, overwrite=True, shard_tokens=300)  # resumes, then swaps
+    manifest = shards.read_manifest(out)
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(s["file"] for s in manifest["shards"])
+    assert (out / "tokenizer.model").read_bytes() == other_tok_path.read_bytes()
+    assert not (out / prepare_mod.PROGRESS_FILE).exists()
+    assert_prepared_as(out, other_tok_path, new_documents, 0.01)
+
+
+def test_an_out_dir_inside_its_input_is_not_read_back(tmp_path, tok_path, capsys):
+    documents = write_text_corpus(tmp_path / "c", 20)
+    out = tmp_path / "c" / "tokens"
+    run([tmp_path / "c"], tok_path, out)
+    run([tmp_path / "c"], tok_path, out, progress=True)
+    assert "up to date" in capsys.readouterr().out
+    run([tmp_path / "c"], tok_path, out, overwrite=True)
+    assert_prepared_as(out, tok_path, documents, 0.01)
+
+
+DYING_WORKER = """
+import os, signal, sys
+from llama_dist import prepare as prepare_mod
+from llama_dist.errors import UserError
+
+real_encode = prepare_mod.encode_batch
+
+
+def encode_or_die(sp, dtype, texts):
+    if any(text.startswith("doc 25:") for text in texts):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+    return real_encode(sp, dtype, texts)
+
+
+prepare_mod.encode_batch = encode_or_die  # the workers are forked: they see it
+prepare_mod.BATCH_CHARS = 300
+try:
+    prepare_mod.prepare([sys.argv[1]], sys.argv[2], sys.argv[3], workers=2, shard_tokens=300, progress=False)
+except UserError as err:
+    print("UserError:", err)
+"""
+
+
+def test_a_killed_worker_fails_the_run_instead_of_hanging_it(tmp_path, tok_path):
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork to patch the workers")
+    documents = write_text_corpus(tmp_path / "c", 60)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", DYING_WORKER, str(tmp_path / "c"), str(tok_path), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # prepare and the workers it started
+        proc.communicate()
+        pytest.fail("prepare still waits 90 s after one of its workers was killed")
+    assert stdout.strip().startswith("UserError: an encoding worker died"), stdout + stderr
+    assert "rerun" in stdout and (out / prepare_mod.PROGRESS_FILE).exists()
+    run([tmp_path / "c"], tok_path, out, shard_tokens=300)  # the rerun continues and finishes
+    assert_prepared_as(out, tok_path, documents, 0.01)
+
+
+def test_out_naming_a_file_is_a_one_line_error(tmp_path, tok_path, capsys):
+    write_text_corpus(tmp_path / "c", 5)
+    (tmp_path / "f").write_text("mine")
+    assert cli_main(["prepare", "--input", str(tmp_path / "c"), "--tokenizer", str(tok_path),
+                     "--out", str(tmp_path / "f"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--out" in err and "is a file; give a directory" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "f").read_text() == "mine"

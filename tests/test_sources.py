@@ -3,6 +3,8 @@
 import gzip
 import io
 import json
+import random
+import sys
 import sysconfig
 import tarfile
 from pathlib import Path
@@ -173,3 +175,99 @@ def test_parse_size(text, value):
 def test_parse_size_rejects_words():
     with pytest.raises(UserError, match="not a byte count"):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e400", "1e308M"])
+def test_parse_size_rejects_non_finite_sizes(text):
+    with pytest.raises(UserError, match="not a byte count"):
+        parse_size(text)
+
+
+def _old_decode_counting(data: bytes) -> tuple[str, int]:
+    """The quadratic original, as the reference for what the one-pass version must return."""
+    bad, view = 0, memoryview(data)
+    while True:
+        try:
+            bytes(view).decode("utf-8")
+            break
+        except UnicodeDecodeError as err:
+            bad += err.end - err.start
+            view = view[err.end:]
+    return data.decode("utf-8", errors="replace"), bad
+
+
+def test_decode_counting_matches_replace_and_counts_every_bad_byte():
+    rng = random.Random(0)
+    samples = [b"", b"plain", "ünï €".encode(), b"\xff", b"\xe2\x82", b"a\xe2\x82b\xf0\x9f\x99", b"\xc3\xa9\x80\x80"]
+    alphabet = [b"a", b" ", b"\n", "é".encode(), "€".encode(), "🙂".encode(), b"\xff", b"\x80", b"\xe2\x82", b"\xf0\x9f"]
+    samples += [b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(300)]
+    for data in samples:
+        assert sources.decode_counting(data) == _old_decode_counting(data), data
+
+
+def test_decode_counting_is_one_pass_on_a_mostly_bad_file():
+    """Latin-1 text, 5% accents: the old version decoded the rest of the MiB again after each one."""
+    rng = random.Random(1)
+    text = "".join("é" if rng.random() < 0.05 else rng.choice("abcdefghij klmnop\n") for _ in range(1 << 20))
+    data = text.encode("latin-1")
+    decodes = [0]
+
+    def profile(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", "") == "decode":
+            decodes[0] += 1  # (keeping arg would keep the bytes it is bound to)
+
+    sys.setprofile(profile)
+    try:
+        decoded, bad = sources.decode_counting(data)
+    finally:
+        sys.setprofile(None)
+    assert bad == text.count("é") > 40_000 and decoded == text.replace("é", "\ufffd")
+    assert decodes[0] <= 2  # not one per bad byte
+
+
+def test_text_without_line_ends_is_cut_into_bounded_documents(tmp_path):
+    """CR-only line breaks (old Mac text) or none at all: documents stay near DOC_CHUNK_BYTES."""
+    path = tmp_path / "cr.txt"
+    text = ("abcd efgh\r" * (3 * sources.DOC_CHUNK_BYTES // 10 + 7))
+    path.write_bytes(text.encode())
+    corpus = Corpus([str(path)])
+    pieces = list(corpus.documents())
+    assert "".join(pieces) == text and corpus.stats.bytes == path.stat().st_size
+    assert len(pieces) >= 3 and max(len(p.encode()) for p in pieces) <= sources.DOC_CHUNK_BYTES
+    assert all(p.endswith("\r") for p in pieces[:-1])  # cut at the line breaks there are
+
+
+def test_long_lines_are_cut_at_spaces_else_between_characters(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "DOC_CHUNK_BYTES", 50)
+    words = tmp_path / "words.txt"  # the cut falls before a marker inside a long line: not a marker
+    words.write_text("a" * 45 + " <|endoftext|>\nnext line " + "word " * 40, encoding="utf-8")
+    solid = tmp_path / "solid.txt"  # no whitespace: multi-byte characters must not be split
+    solid.write_text("é€🙂x" * 100, encoding="utf-8")
+    for path in (words, solid):
+        corpus = Corpus([str(path)])
+        pieces = list(corpus.documents())
+        assert "".join(pieces) == path.read_text(encoding="utf-8")
+        assert len(pieces) > 3 and max(len(p.encode()) for p in pieces) <= 50
+        assert corpus.stats.undecodable_bytes == 0
+
+
+def _prepared_dir(directory: Path, finished: bool) -> None:
+    """What `llama-dist prepare` leaves: a manifest when finished, a progress file before."""
+    directory.mkdir()
+    if finished:
+        (directory / "manifest.json").write_text(json.dumps({"format": "llama_dist.tokens", "shards": []}))
+    else:
+        (directory / "prepare.progress.json").write_text(json.dumps({"documents": 0, "shards": []}))
+    (directory / "notes.txt").write_text("prepare output, not corpus")
+
+
+def test_directories_skip_prepare_outputs_inside_them(tmp_path):
+    (tmp_path / "a.txt").write_text("one")
+    _prepared_dir(tmp_path / "tokens", finished=True)
+    _prepared_dir(tmp_path / "half", finished=False)
+    (tmp_path / "data").mkdir()  # a user's own manifest.json is corpus like any other .json
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps([{"text": "two"}]))
+    assert docs([tmp_path]) == ["one", "two"]
+    _prepared_dir(tmp_path / "out", finished=True)  # --out naming the input directory itself
+    (tmp_path / "out" / "b.txt").write_text("three")
+    assert docs([tmp_path / "out"]) == ["three", "prepare output, not corpus"]

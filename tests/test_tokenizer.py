@@ -1,8 +1,11 @@
 """Tokenizer training with LLaMA's settings and Meta's wrapper shape."""
 
+import json
+
 import pytest
 
-from data_helpers import TOKENIZER_VOCAB, train_small_tokenizer, write_text_corpus
+from data_helpers import TOKENIZER_VOCAB, make_documents, train_small_tokenizer, write_text_corpus
+from llama_dist import tokenizer as tokenizer_mod
 from llama_dist.cli import main as cli_main
 from llama_dist.errors import UserError
 from llama_dist.tokenizer import Tokenizer, train_tokenizer
@@ -83,3 +86,44 @@ def test_impossible_vocab_sizes(tmp_path, vocab, message):
 def test_missing_model_file(tmp_path):
     with pytest.raises(UserError, match="llama-dist tokenizer"):
         Tokenizer(tmp_path / "tokenizer.model")
+
+
+def test_a_corpus_error_during_training_comes_back_as_raised(tmp_path):
+    """Not inside sentencepiece's INTERNAL error, with a stack fragment after it."""
+    documents = make_documents(300)
+    lines = [json.dumps({"text": d}) + "\n" for d in documents]
+    (tmp_path / "a.jsonl").write_text("".join(lines[:250]) + "{not json\n" + "".join(lines[250:]))
+    with pytest.raises(UserError) as err:
+        train_tokenizer([str(tmp_path / "a.jsonl")], 300, tmp_path / "t", progress=False, num_threads=1)
+    assert str(err.value).startswith(f"{tmp_path / 'a.jsonl'} line 251: not valid JSON")
+    assert "\n" not in str(err.value) and "INTERNAL" not in str(err.value)
+    assert not (tmp_path / "t" / "tokenizer.model").exists()
+
+
+def test_lines_all_too_long_for_sentencepiece_are_named(tmp_path):
+    (tmp_path / "long.txt").write_text(("word " * 1000 + "\n") * 20)  # 5000-byte lines
+    with pytest.raises(UserError, match="every line of the corpus is longer than 4192 bytes") as err:
+        train_tokenizer([str(tmp_path / "long.txt")], 300, tmp_path / "t", progress=False, num_threads=1)
+    assert "\n" not in str(err.value)
+
+
+def test_a_bare_sentencepiece_check_keeps_its_condition(tmp_path, monkeypatch):
+    def failing_train(**kwargs):
+        list(kwargs["sentence_iterator"])
+        raise RuntimeError("INTERNAL: src/trainer_interface.cc(467) [!sentences_.empty()] ")
+
+    monkeypatch.setattr(tokenizer_mod.SentencePieceTrainer, "train", failing_train)
+    write_text_corpus(tmp_path / "c", 10)
+    with pytest.raises(UserError, match=r"vocabulary: INTERNAL: .*\[!sentences_.empty\(\)\]$"):
+        train_tokenizer([str(tmp_path / "c")], 300, tmp_path / "t", progress=False)
+
+
+def test_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
+    write_text_corpus(tmp_path / "c", 10)
+    (tmp_path / "f").write_text("mine")
+    for out, message in [(tmp_path / "f", "is a file; give a directory"),
+                         (tmp_path / "f" / "sub", "lies under a file")]:
+        assert cli_main(["tokenizer", "--input", str(tmp_path / "c"), "--vocab-size", "300", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert (tmp_path / "f").read_text() == "mine"
