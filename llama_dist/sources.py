@@ -4,7 +4,8 @@ A SRC is a file (plain text, `.jsonl`, a `.json` array; `.gz` of any of them),
 a directory or glob of such files, `stdlib` (the running Python's own library
 sources: a real corpus on every machine, so the demo needs no download), or
 `tinystories` (downloaded and unpacked once into a cache). Documents are
-streamed one at a time, so no corpus is ever held in memory whole.
+streamed one at a time, so no corpus is ever held in memory whole; a `.json`
+array is the one file parsed whole (TinyStories' are about 250 MB each).
 """
 
 from __future__ import annotations
@@ -372,7 +373,8 @@ class Corpus:
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(records, list):
-            raise UserError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
+            raise UserError(f"{path}: expected a JSON array of records, got {type(records).__name__}; "
+                            f"to leave it out of a directory, name the files to read with a glob instead")
         names = (self.text_field,) if self.text_field else ("story", "text")
         # the file's bytes are spread over its records so that max_bytes and progress stay honest
         share, remainder = divmod(len(data), max(len(records), 1))
