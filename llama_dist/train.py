@@ -118,6 +118,22 @@ def checkpoint_tokenizer(cfg: Config) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def check_compiler(cfg: Config, device: torch.device) -> None:
+    """torch.compile on a CPU writes C++ and builds it with g++ (or $CXX); without one the run
+    would fail at its first step, deep in an inductor traceback."""
+    if not cfg.train.compile or device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch's layout: the first step will say
+        return
+    try:
+        get_cpp_compiler()
+    except Exception:  # inductor's InvalidCxxCompiler
+        raise UserError("train.compile=true on a CPU needs a C++ compiler and none was found (g++, or the "
+                        "one $CXX names); install one (e.g. apt install g++) or set train.compile=false") from None
+
+
 def fault_nan_steps() -> set[int]:
     """Tests inject a non-finite loss at these steps (LLAMA_DIST_FAULT_NAN=3,4)."""
     spec = os.environ.get("LLAMA_DIST_FAULT_NAN", "")
@@ -150,6 +166,7 @@ class Trainer:
                                             device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                             **NO_BUFFER_SYNC)
                     if info.dp_size > 1 else None)
+        check_compiler(cfg, self.device)
         if cfg.train.compile:  # block by block: the same speed as the whole model, a tenth of the warm-up
             for layer in self.model.layers:
                 layer.compile()
@@ -424,7 +441,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     from llama_dist.loader import TokenLoader
 
     validate(cfg, world_size=world_size)
-    distributed.pick_device(cfg.train.device, cfg.parallel.backend, local_processes=world_size)
+    check_compiler(cfg, distributed.pick_device(cfg.train.device, cfg.parallel.backend, local_processes=world_size))
     checkpoint_tokenizer(cfg)
     dp_size = world_size // cfg.parallel.mp
     loaders = {split: TokenLoader(cfg.data.dir, split, cfg.data.seq_len, cfg.data.micro_batch_size, 0, dp_size,

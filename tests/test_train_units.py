@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shutil
 
@@ -456,6 +457,26 @@ def test_train_command_line_takes_overrides_after_options_and_refuses_nproc_belo
             train_module.cli(["tiny", "--nproc", bad])
         assert exited.value.code == 2 and f"--nproc must be 1 or more, got {bad}" in capsys.readouterr().err
     assert len(seen) == 1
+
+
+def test_compiling_on_a_cpu_without_a_cpp_compiler_is_one_line(data_dir, tmp_path):
+    """Before: the first step failed deep in inductor with a traceback per rank."""
+    import subprocess
+    import sys
+
+    from test_train import TINY
+
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    env.update(PATH=str(empty), OMP_NUM_THREADS="1")  # no g++ to be found
+    cmd = [sys.executable, "-m", "llama_dist.train", "tiny", *TINY, f"data.dir={data_dir}",
+           f"train.run_dir={tmp_path / 'run'}", "train.steps=1", "train.compile=true"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "train.compile=true on a CPU needs a C++ compiler and none was found" in last, done.stderr
+    assert "Traceback" not in done.stderr and latest_checkpoint(tmp_path / "run") is None
 
 
 def test_resumed_optimizer_state_is_a_copy_not_a_view_of_the_file(data_dir, committed_run, tmp_path):
