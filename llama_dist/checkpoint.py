@@ -243,7 +243,8 @@ def check_compatible(ckpt_dir: Path, cfg: Config, mp_size: int) -> None:
                if not (ckpt_dir / name).is_file()]
     if missing:
         raise UserError(f"checkpoint {ckpt_dir} holds no {missing[0]}, so training cannot resume from it "
-                        f"(it holds weights only); move it out of {ckpt_dir.parent} or choose a new train.run_dir")
+                        f"(it holds weights only); to start a run from its weights, move it out of "
+                        f"{ckpt_dir.parent} and set checkpoint.init_from to it")
     if cfg.checkpoint.verify:  # a corrupt params.json would otherwise be blamed on the config below
         verify_manifest(ckpt_dir, [PARAMS_FILE], RESUME_FIX)
     saved = read_params(ckpt_dir).params_json()
@@ -254,6 +255,47 @@ def check_compatible(ckpt_dir: Path, cfg: Config, mp_size: int) -> None:
                 f"checkpoint {ckpt_dir} has {key}={saved.get(key)} in params.json but the config has "
                 f"model.{key}={wanted.get(key)}; use the checkpoint's model config or a new train.run_dir"
             )
+
+
+INIT_FIX = "point checkpoint.init_from at an intact checkpoint, or set checkpoint.verify=false"
+
+
+def check_init_weights(ckpt_dir: Path, cfg: Config, mp_size: int) -> None:
+    """checkpoint.init_from against this run: Meta's MP == len(checkpoints) and params.json
+    against the model config. A release's vocab_size -1 means its tokenizer's, and the loader
+    checks the data's vocabulary against model.vocab_size."""
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint.init_from={ckpt_dir} is not a directory; give a checkpoint's "
+                        f"(consolidated.NN.pth and params.json)")
+    shards = shard_paths(ckpt_dir)
+    if len(shards) != mp_size:
+        raise UserError(
+            f"checkpoint.init_from={ckpt_dir} has MP={len(shards)} shards but this run has parallel.mp={mp_size}; "
+            f"run `llama-dist reshard {ckpt_dir} NEW_DIR --mp {mp_size}` and start from NEW_DIR"
+        )
+    if cfg.checkpoint.verify and (ckpt_dir / MANIFEST).is_file():  # ours; a Meta release has none
+        verify_manifest(ckpt_dir, [PARAMS_FILE], INIT_FIX)
+    saved = read_params(ckpt_dir).params_json()
+    wanted = cfg.model.params_json()
+    for key in sorted(set(saved) | set(wanted)):
+        if saved.get(key) != wanted.get(key) and not (key == "vocab_size" and saved.get(key) == -1):
+            raise UserError(
+                f"checkpoint.init_from={ckpt_dir} has {key}={saved.get(key)} in params.json but the config has "
+                f"model.{key}={wanted.get(key)}; set the model config to the checkpoint's"
+            )
+
+
+def load_init_weights(ckpt_dir: Path, model: nn.Module, cfg: Config, info: DistInfo) -> None:
+    """This rank's shard of checkpoint.init_from into the model, cast to its precision."""
+    check_init_weights(ckpt_dir, cfg, info.mp_size)
+    path = ckpt_dir / shard_file(info.mp_rank)
+    if cfg.checkpoint.verify and (ckpt_dir / MANIFEST).is_file():
+        verify_manifest(ckpt_dir, [path.name], INIT_FIX)
+    state = load_shard(path)
+    state.pop("rope.freqs", None)  # Llama 1 files carry it; every loader ignores it
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def load_checkpoint(

@@ -80,6 +80,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this
     resume: bool = True  # resume from the latest complete checkpoint in run_dir; false refuses a run_dir that has one
     verify: bool = True  # check the sha256 manifest on load
+    # a checkpoint (ours, or a Meta release) whose weights start a run with none of its own:
+    # step 0, a fresh optimizer; once the run has saved, it resumes from its own checkpoints
+    init_from: str = ""
 
 
 @dataclass

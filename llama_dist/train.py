@@ -43,8 +43,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from llama_dist import distributed
 from llama_dist.allocator import keep_freed_memory
-from llama_dist.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                   save_checkpoint)
+from llama_dist.checkpoint import (check_compatible, check_init_weights, latest_checkpoint, load_checkpoint,
+                                   load_init_weights, prune_checkpoints, save_checkpoint)
 from llama_dist.checkpoint_files import TOKENIZER_FILE, TRAIN_STATE
 from llama_dist.config import Config, load_config, validate
 from llama_dist.distributed import DistInfo, get_logger
@@ -193,8 +193,14 @@ class Trainer:
 
     def resume(self) -> None:
         ckpt = resume_point(self.cfg, self.info.mp_size)
+        init_from = self.cfg.checkpoint.init_from
         if ckpt is None:
+            if init_from:
+                load_init_weights(Path(init_from), self.model, self.cfg, self.info)
+                log.info(f"weights from {init_from} (checkpoint.init_from); step 0, a fresh optimizer")
             return
+        if init_from:
+            log.info("checkpoint.init_from is for a run's first start; this one resumes from its own checkpoints")
         state = load_checkpoint(ckpt, self.model, self.optimizer, self.cfg, self.info)
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
@@ -448,6 +454,8 @@ def preflight(cfg: Config, world_size: int) -> None:
                                   seed=cfg.data.seed, expected_vocab_size=cfg.model.vocab_size)
                for split in (("train", "val") if cfg.train.eval_interval else ("train",))}
     ckpt = resume_point(cfg, cfg.parallel.mp)
+    if ckpt is None and cfg.checkpoint.init_from:
+        check_init_weights(Path(cfg.checkpoint.init_from), cfg, cfg.parallel.mp)
     if ckpt is not None:  # the loader's position must fit this data and batch (its sha256 is the ranks' to check)
         try:
             loader_state = json.loads((ckpt / TRAIN_STATE).read_text())["loader"]
