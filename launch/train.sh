@@ -6,6 +6,8 @@
 #
 # Every argument goes to `python -m llama_dist.train` unchanged. NPROC comes
 # from the environment only (default: the visible GPUs, else 1 on a CPU).
+# Ctrl-C or kill: the ranks save a checkpoint and leave RUN/PREEMPTED, then torchrun
+# exits 1 with its own traceback (`llama-dist train --nproc N` exits 75 instead).
 set -euo pipefail
 # shellcheck source=launch/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"

@@ -86,6 +86,32 @@ def test_ctrl_c_in_a_single_process_saves_too(data_dir, tmp_path):
     assert saved >= 3 and "Ctrl-C: saving a checkpoint" in output and "received SIGINT" in output
 
 
+def test_ctrl_c_under_launch_train_sh_saves_too(data_dir, tmp_path):
+    """There torchrun is the terminal's job and hands its ranks the SIGINT itself."""
+    from pathlib import Path
+
+    from test_train import TINY
+
+    run = tmp_path / "run"
+    script = Path(__file__).resolve().parent.parent / "launch" / "train.sh"
+    cmd = [str(script), "tiny", *TINY, f"data.dir={data_dir}", f"train.run_dir={run}", "train.steps=100000",
+           "parallel.mp=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(NPROC="2"), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 2/" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    output = _finish(proc, lines)
+    saved = json.loads((run / PREEMPTED_MARKER).read_text())["step"]
+    assert committed_checkpoints(run)[-1][1].name == f"step-{saved:06d}", output
+    assert sorted(p.name for p in committed_checkpoints(run)[-1][1].glob("*.pth")) == [
+        "consolidated.00.pth", "consolidated.01.pth"]
+
+
 def test_sigusr1_to_the_launcher_reaches_both_torchrun_ranks(data_dir, tmp_path):
     run = tmp_path / "run"
     proc, lines = _run_until_step(_command(data_dir, run, "train.steps=100000", "parallel.mp=2", nproc=2), 2)
