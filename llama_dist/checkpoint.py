@@ -247,14 +247,21 @@ def check_compatible(ckpt_dir: Path, cfg: Config, mp_size: int) -> None:
                         f"{ckpt_dir.parent} and set checkpoint.init_from to it")
     if cfg.checkpoint.verify:  # a corrupt params.json would otherwise be blamed on the config below
         verify_manifest(ckpt_dir, [PARAMS_FILE], RESUME_FIX)
+    mismatch = _params_mismatch(ckpt_dir, cfg)
+    if mismatch:
+        raise UserError(f"checkpoint {ckpt_dir} has {mismatch}; use the checkpoint's model config or a new "
+                        f"train.run_dir")
+
+
+def _params_mismatch(ckpt_dir: Path, cfg: Config, release_vocab: bool = False) -> Optional[str]:
+    """The first key where params.json and the model config differ, said as both values; with
+    release_vocab, a release's vocab_size -1 (its tokenizer's) matches any."""
     saved = read_params(ckpt_dir).params_json()
     wanted = cfg.model.params_json()
     for key in sorted(set(saved) | set(wanted)):
-        if saved.get(key) != wanted.get(key):
-            raise UserError(
-                f"checkpoint {ckpt_dir} has {key}={saved.get(key)} in params.json but the config has "
-                f"model.{key}={wanted.get(key)}; use the checkpoint's model config or a new train.run_dir"
-            )
+        if saved.get(key) != wanted.get(key) and not (release_vocab and key == "vocab_size" and saved.get(key) == -1):
+            return f"{key}={saved.get(key)} in params.json but the config has model.{key}={wanted.get(key)}"
+    return None
 
 
 INIT_FIX = "point checkpoint.init_from at an intact checkpoint, or set checkpoint.verify=false"
@@ -275,14 +282,9 @@ def check_init_weights(ckpt_dir: Path, cfg: Config, mp_size: int) -> None:
         )
     if cfg.checkpoint.verify and (ckpt_dir / MANIFEST).is_file():  # ours; a Meta release has none
         verify_manifest(ckpt_dir, [PARAMS_FILE], INIT_FIX)
-    saved = read_params(ckpt_dir).params_json()
-    wanted = cfg.model.params_json()
-    for key in sorted(set(saved) | set(wanted)):
-        if saved.get(key) != wanted.get(key) and not (key == "vocab_size" and saved.get(key) == -1):
-            raise UserError(
-                f"checkpoint.init_from={ckpt_dir} has {key}={saved.get(key)} in params.json but the config has "
-                f"model.{key}={wanted.get(key)}; set the model config to the checkpoint's"
-            )
+    mismatch = _params_mismatch(ckpt_dir, cfg, release_vocab=True)
+    if mismatch:
+        raise UserError(f"checkpoint.init_from={ckpt_dir} has {mismatch}; set the model config to the checkpoint's")
 
 
 def load_init_weights(ckpt_dir: Path, model: nn.Module, cfg: Config, info: DistInfo) -> None:

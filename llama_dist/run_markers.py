@@ -68,6 +68,14 @@ def clear_markers(run_dir: Path, errors: bool = True) -> None:
             marker.unlink(missing_ok=True)
 
 
+def marker_step(path: Path) -> str:
+    """The step a PREEMPTED or DIVERGED marker records ("?" where it cannot be read)."""
+    try:
+        return str(json.loads(path.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
 def rank_error(run_dir: str | os.PathLike, world_size: Optional[int] = None) -> Optional[str]:
     """The lowest rank's expected mistake, left by a run under torchrun, if any; with
     world_size, only from the ranks of such a world."""

@@ -43,17 +43,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from llama_dist import distributed
 from llama_dist.allocator import keep_freed_memory
-from llama_dist.checkpoint import (check_compatible, check_init_weights, latest_checkpoint, load_checkpoint,
-                                   load_init_weights, prune_checkpoints, save_checkpoint)
-from llama_dist.checkpoint_files import TOKENIZER_FILE, TRAIN_STATE
+from llama_dist.checkpoint import latest_checkpoint, load_checkpoint, load_init_weights, prune_checkpoints, save_checkpoint
+from llama_dist.checkpoint_files import TOKENIZER_FILE
 from llama_dist.config import Config, load_config, validate
 from llama_dist.distributed import DistInfo, get_logger
 from llama_dist.errors import UserError
 from llama_dist.files import atomic_write_text
 from llama_dist.metrics import TensorBoard, device_peak_flops, format_duration, memory_gib
 from llama_dist.model import Transformer, flops_per_token
+from llama_dist.run_checks import check_compiler, checkpoint_tokenizer, preflight, resume_point
 from llama_dist.run_markers import (DIVERGED_MARKER, ERROR_MARKER, EXIT_DIVERGED, EXIT_PREEMPTED, PREEMPTED_MARKER,
-                                    StopSignal, clear_markers, leave_rank_error, rank_error, restarted,
+                                    StopSignal, clear_markers, leave_rank_error, marker_step, rank_error, restarted,
                                     stopped_before_restart)
 
 log = get_logger("llama_dist.train")
@@ -102,36 +102,6 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.train.dtype == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
     return torch.float32
-
-
-def checkpoint_tokenizer(cfg: Config) -> Optional[Path]:
-    """The tokenizer every checkpoint carries a copy of: data.tokenizer, or the one prepare left
-    in data.dir. A configured path that is not there is a mistake; a data dir without one (shards
-    made elsewhere) means checkpoints without it."""
-    if cfg.data.tokenizer:
-        path = Path(cfg.data.tokenizer)
-        if not path.is_file():
-            raise UserError(f"data.tokenizer={cfg.data.tokenizer} is not a file; fix the path, or leave it "
-                            f"empty for {Path(cfg.data.dir) / TOKENIZER_FILE}")
-        return path
-    path = Path(cfg.data.dir) / TOKENIZER_FILE
-    return path if path.is_file() else None
-
-
-def check_compiler(cfg: Config, device: torch.device) -> None:
-    """torch.compile on a CPU writes C++ and builds it with g++ (or $CXX); without one the run
-    would fail at its first step, deep in an inductor traceback."""
-    if not cfg.train.compile or device.type != "cpu":
-        return
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # another torch's layout: the first step will say
-        return
-    try:
-        get_cpp_compiler()
-    except Exception:  # inductor's InvalidCxxCompiler
-        raise UserError("train.compile=true on a CPU needs a C++ compiler and none was found (g++, or the "
-                        "one $CXX names); install one (e.g. apt install g++) or set train.compile=false") from None
 
 
 def fault_nan_steps() -> set[int]:
@@ -392,20 +362,6 @@ class Trainer:
             board.close()
 
 
-def resume_point(cfg: Config, mp_size: int) -> Optional[Path]:
-    """The checkpoint a run resumes from, checked against the config; None for a fresh start."""
-    run_dir = Path(cfg.train.run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and not cfg.checkpoint.resume:
-        # a fresh run here would save beside them, and a later resume could pick up the old run
-        raise UserError(f"{run_dir} already holds checkpoints (the latest is {ckpt.name}) and "
-                        f"checkpoint.resume=false; choose a new train.run_dir, or delete "
-                        f"{run_dir / 'checkpoints'} to start over")
-    if ckpt is not None:
-        check_compatible(ckpt, cfg, mp_size)
-    return ckpt
-
-
 def train(cfg: Config) -> int:
     # from the start: a preemption while the model builds or loads still ends in a save at the first step
     with StopSignal() as stop:
@@ -442,36 +398,6 @@ def train(cfg: Config) -> int:
 # --------------------------------------------------------------------------- command line
 
 
-def preflight(cfg: Config, world_size: int) -> None:
-    """Check the config and open the data as the ranks will, before any rank starts."""
-    from llama_dist.loader import TokenLoader
-
-    validate(cfg, world_size=world_size)
-    check_compiler(cfg, distributed.pick_device(cfg.train.device, cfg.parallel.backend, local_processes=world_size))
-    checkpoint_tokenizer(cfg)
-    dp_size = world_size // cfg.parallel.mp
-    loaders = {split: TokenLoader(cfg.data.dir, split, cfg.data.seq_len, cfg.data.micro_batch_size, 0, dp_size,
-                                  seed=cfg.data.seed, expected_vocab_size=cfg.model.vocab_size)
-               for split in (("train", "val") if cfg.train.eval_interval else ("train",))}
-    ckpt = resume_point(cfg, cfg.parallel.mp)
-    if ckpt is None and cfg.checkpoint.init_from:
-        check_init_weights(Path(cfg.checkpoint.init_from), cfg, cfg.parallel.mp)
-    if ckpt is not None:  # the loader's position must fit this data and batch (its sha256 is the ranks' to check)
-        try:
-            loader_state = json.loads((ckpt / TRAIN_STATE).read_text())["loader"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # a damaged file: the ranks' manifest check names it
-        loaders["train"].load_state_dict(loader_state)
-
-
-
-def _marker_step(path: Path) -> str:
-    try:
-        return str(json.loads(path.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "?"
-
-
 def cli(argv: list[str]) -> int:
     from llama_dist.launcher import relaunch, under_torchrun
 
@@ -496,11 +422,11 @@ def cli(argv: list[str]) -> int:
         # torchrun reports any worker failure as 1; a marker says it was a preemption save or divergence,
         # and the last line says so in place of torchrun's report of failed workers
         if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
-            print(f"llama-dist train: stopped by a signal after saving step {_marker_step(run_dir / PREEMPTED_MARKER)}; "
+            print(f"llama-dist train: stopped by a signal after saving step {marker_step(run_dir / PREEMPTED_MARKER)}; "
                   f"the same command resumes there", file=sys.stderr)
             return EXIT_PREEMPTED
         if code != 0 and (run_dir / DIVERGED_MARKER).is_file():
-            print(f"llama-dist train: stopped at step {_marker_step(run_dir / DIVERGED_MARKER)} after "
+            print(f"llama-dist train: stopped at step {marker_step(run_dir / DIVERGED_MARKER)} after "
                   f"train.max_bad_steps non-finite steps; lower optim.lr or check the data, then resume "
                   f"from the latest good checkpoint", file=sys.stderr)
             return EXIT_DIVERGED

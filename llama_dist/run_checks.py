@@ -1,0 +1,83 @@
+"""What a run checks before it trains, in the launcher (preflight, once for every rank)
+and in each rank: the checkpoint it resumes or starts from, the tokenizer its checkpoints
+copy, the compiler torch.compile needs, and the data as the ranks will open it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama_dist import distributed
+from llama_dist.checkpoint import check_compatible, check_init_weights, latest_checkpoint
+from llama_dist.checkpoint_files import TOKENIZER_FILE, TRAIN_STATE
+from llama_dist.config import Config, validate
+from llama_dist.errors import UserError
+
+
+def checkpoint_tokenizer(cfg: Config) -> Optional[Path]:
+    """The tokenizer every checkpoint carries a copy of: data.tokenizer, or the one prepare left
+    in data.dir. A configured path that is not there is a mistake; a data dir without one (shards
+    made elsewhere) means checkpoints without it."""
+    if cfg.data.tokenizer:
+        path = Path(cfg.data.tokenizer)
+        if not path.is_file():
+            raise UserError(f"data.tokenizer={cfg.data.tokenizer} is not a file; fix the path, or leave it "
+                            f"empty for {Path(cfg.data.dir) / TOKENIZER_FILE}")
+        return path
+    path = Path(cfg.data.dir) / TOKENIZER_FILE
+    return path if path.is_file() else None
+
+
+def check_compiler(cfg: Config, device: torch.device) -> None:
+    """torch.compile on a CPU writes C++ and builds it with g++ (or $CXX); without one the run
+    would fail at its first step, deep in an inductor traceback."""
+    if not cfg.train.compile or device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch's layout: the first step will say
+        return
+    try:
+        get_cpp_compiler()
+    except Exception:  # inductor's InvalidCxxCompiler
+        raise UserError("train.compile=true on a CPU needs a C++ compiler and none was found (g++, or the "
+                        "one $CXX names); install one (e.g. apt install g++) or set train.compile=false") from None
+
+
+def resume_point(cfg: Config, mp_size: int) -> Optional[Path]:
+    """The checkpoint a run resumes from, checked against the config; None for a fresh start."""
+    run_dir = Path(cfg.train.run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and not cfg.checkpoint.resume:
+        # a fresh run here would save beside them, and a later resume could pick up the old run
+        raise UserError(f"{run_dir} already holds checkpoints (the latest is {ckpt.name}) and "
+                        f"checkpoint.resume=false; choose a new train.run_dir, or delete "
+                        f"{run_dir / 'checkpoints'} to start over")
+    if ckpt is not None:
+        check_compatible(ckpt, cfg, mp_size)
+    return ckpt
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Check the config and open the data as the ranks will, before any rank starts."""
+    from llama_dist.loader import TokenLoader
+
+    validate(cfg, world_size=world_size)
+    check_compiler(cfg, distributed.pick_device(cfg.train.device, cfg.parallel.backend, local_processes=world_size))
+    checkpoint_tokenizer(cfg)
+    dp_size = world_size // cfg.parallel.mp
+    loaders = {split: TokenLoader(cfg.data.dir, split, cfg.data.seq_len, cfg.data.micro_batch_size, 0, dp_size,
+                                  seed=cfg.data.seed, expected_vocab_size=cfg.model.vocab_size)
+               for split in (("train", "val") if cfg.train.eval_interval else ("train",))}
+    ckpt = resume_point(cfg, cfg.parallel.mp)
+    if ckpt is None and cfg.checkpoint.init_from:
+        check_init_weights(Path(cfg.checkpoint.init_from), cfg, cfg.parallel.mp)
+    if ckpt is not None:  # the loader's position must fit this data and batch (its sha256 is the ranks' to check)
+        try:
+            loader_state = json.loads((ckpt / TRAIN_STATE).read_text())["loader"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # a damaged file: the ranks' manifest check names it
+        loaders["train"].load_state_dict(loader_state)
