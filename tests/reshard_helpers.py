@@ -30,7 +30,7 @@ def split_dim(key: str, llama3: bool):
 
 
 def model_weights(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
-    init_distributed(mp=1)
+    init_distributed(mp=1, backend="gloo", device="cpu")
     seed_everything(seed)
     return {k: v.detach().clone() for k, v in Transformer(args).state_dict().items()}
 

@@ -1,5 +1,6 @@
 """The README's first command, end to end, with fewer steps and a smaller corpus."""
 
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,9 @@ from llama_dist.checkpoint import latest_checkpoint
 def test_demo_runs_end_to_end_and_reuses_its_data(tmp_path):
     cmd = [sys.executable, "-m", "llama_dist.cli", "demo", "--dir", str(tmp_path), "--steps", "20",
            "--max-bytes", "1500000", "--max-gen-len", "8"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    # the CPU path (2 gloo ranks at mp=2) also on a machine with a GPU, where the demo would train in one process
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     out = first.stdout
     assert first.returncode == 0, out + first.stderr
     for stage in range(1, 6):
@@ -24,7 +27,7 @@ def test_demo_runs_end_to_end_and_reuses_its_data(tmp_path):
     assert "tensorboard --logdir" in out and "llama-dist generate" in out
 
     # a rerun reuses the tokenizer, the shards and the finished run
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "reusing" in again.stdout and "nothing to do" in again.stdout
     assert "resumed from" in again.stdout and "step 1/" not in again.stdout

@@ -45,7 +45,7 @@ def tokenizer_model(tmp_path_factory) -> Path:
 def make_checkpoint(path: Path, args: ModelArgs, tokenizer: Path, attention_gain: float = 1.0
                     ) -> tuple[Path, Transformer]:
     """attention_gain scales wq and wk: sharper attention than a random init's near-uniform one."""
-    init_distributed(mp=1)
+    init_distributed(mp=1, backend="gloo", device="cpu")
     seed_everything(0)
     model = Transformer(args).eval()
     with torch.no_grad():

@@ -82,7 +82,7 @@ def test_dp_ranks_split_each_global_batch(data):
 def _rank_batches(data_dir: str, steps: int):
     from llama_dist.distributed import current, init_distributed
 
-    init_distributed(mp=2)
+    init_distributed(mp=2, backend="gloo", device="cpu")
     info = current()
     loader = TokenLoader(data_dir, "train", SEQ, 3, info.dp_rank, info.dp_size)
     batches = [next(loader) for _ in range(steps)]

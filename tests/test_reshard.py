@@ -322,7 +322,7 @@ def test_cli_prints_one_line_and_exit_code(tmp_path, capsys):
 
 
 def _rank_logits(ckpt_dirs: list[str], tokens: torch.Tensor) -> list[torch.Tensor]:
-    info = init_distributed(mp=2)
+    info = init_distributed(mp=2, backend="gloo", device="cpu")
     logits = []
     for ckpt in ckpt_dirs:
         model = Transformer(read_params(ckpt, max_seq_len=32, max_batch_size=2))
