@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 8 bench/bench_gpu.py                  # dp=8 on one node
     torchrun --nproc_per_node 8 bench/bench_gpu.py parallel.mp=2    # dp=4 x mp=2
     python bench/bench_gpu.py --config tiny train.device=cpu train.compile=false --steps 3   # no GPU: a smoke run
+    python bench/bench_gpu.py --checkpoint            # then save a checkpoint, resume it in a new Trainer
 
 Each step is Trainer.train_step, unchanged: bf16 autocast, fairscale's layers, DDP over
 the data-parallel group, clipping by the global norm, fused AdamW on CUDA, and each
@@ -16,11 +17,17 @@ MFU = the model's FLOPs per step (model.flops_per_token x tokens of all data-par
 ranks) / step time / (world size x the device's peak): on CUDA the datasheet's dense
 bf16 figure (metrics.GPU_PEAK_TFLOPS), on CPU the fp32 matmul peak measured at start.
 Issue 4's goal for a ~1B model on a GPU: >= 45%.
+
+--checkpoint then times Trainer.save (weights, AdamW state, the rest; written from the GPU one
+tensor at a time, fsynced, hashed) into a temp run dir, takes one more step, frees that Trainer,
+and times a new one's resume (the sha256 check included): the next step's loss must come out the
+same. GB/s counts the files of the checkpoint, all ranks together.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import statistics
 import tempfile
@@ -40,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="llama-1b")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--checkpoint", action="store_true", help="then time a save and a resume")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.micro_batch_size=4")
     opts = parser.parse_args(argv)
     if opts.steps < 1 or opts.warmup < 0:
@@ -54,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device,
                                         cfg.parallel.timeout_minutes)
     data_dir = Path(tempfile.mkdtemp(prefix="bench_gpu-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_gpu-run-"))
     try:
         validate(cfg, world_size=info.world_size)
         steps = opts.warmup + opts.steps
@@ -62,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         synthetic_data(data_dir, (steps + 2) * per_rank * info.dp_size + cfg.data.seq_len + 1,
                        cfg.model.vocab_size, shard_tokens=1 << 26)
         cfg.data.dir = str(data_dir)
-        cfg.data.tokenizer = ""  # synthetic tokens, no tokenizer: the bench saves no checkpoint to copy one into
+        cfg.data.tokenizer = ""  # synthetic tokens: no tokenizer to copy into a checkpoint
+        cfg.train.run_dir = str(run_dir)
         trainer = Trainer(cfg, info)
         cuda = trainer.device.type == "cuda"
         times, losses = [], []
@@ -79,9 +89,50 @@ def main(argv: list[str] | None = None) -> None:
                 losses.append(loss)
                 trainer.step += 1
         report(trainer, times, losses, opts)
+        if opts.checkpoint:
+            saved, save_s, expected = save_then_step(trainer)
+            del trainer
+            resume_then_step(cfg, info, saved, save_s, expected)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         distributed.shutdown()
+
+
+def _timed(fn) -> float:
+    distributed.barrier()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    distributed.barrier()
+    return time.perf_counter() - start
+
+
+def save_then_step(trainer: Trainer) -> tuple[Path, float, float]:
+    """Save, then one more step: (the checkpoint, seconds to save, the step's loss)."""
+    paths: list[Path] = []
+    seconds = _timed(lambda: paths.append(trainer.save()))
+    with StopSignal() as stop:
+        loss = trainer.train_step(stop, set())[0]
+    return paths[0], seconds, loss
+
+
+def resume_then_step(cfg, info, saved: Path, save_s: float, expected: float) -> None:
+    gc.collect()  # the first Trainer is gone: its GPU memory goes back before the new one is built
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    resumed = Trainer(cfg, info)
+    load_s = _timed(resumed.resume)
+    with StopSignal() as stop:
+        got = resumed.train_step(stop, set())[0]
+    if info.is_rank0:
+        files = list(saved.iterdir())  # a shared disk or each node's own: rank 0's view
+        size = sum(f.stat().st_size for f in files)
+        print(f"checkpoint: {size / 1e9:.2f} GB ({len(files)} files); save {save_s:.1f} s "
+              f"({size / 1e9 / save_s:.2f} GB/s), resume {load_s:.1f} s ({size / 1e9 / load_s:.2f} GB/s, verified); "
+              f"next step's loss {expected:.6f} straight, {got:.6f} resumed: "
+              f"{'the same' if got == expected else 'DIFFERENT'}")
 
 
 def report(trainer: Trainer, times: list[float], losses: list[float], opts: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ def stage(number: int, text: str) -> None:
 
 def demo(root: Path, steps: int, max_bytes: int, prompt: str, max_gen_len: int) -> int:
     from llama_dist.checkpoint import latest_checkpoint
+    from llama_dist.distributed import shutdown
     from llama_dist.generation import Llama
     from llama_dist.launcher import relaunch
     from llama_dist.prepare import prepare
@@ -76,6 +77,7 @@ def demo(root: Path, steps: int, max_bytes: int, prompt: str, max_gen_len: int) 
     llama = Llama.build(str(single), str(single / "tokenizer.model"), max_seq_len=cfg.model.max_seq_len,
                         max_batch_size=1, model_parallel_size=1)
     result = llama.text_completion([prompt], temperature=0.8, top_p=0.95, max_gen_len=max_gen_len, echo=True)[0]
+    shutdown()  # the process group Llama.build started
     print("-" * 60 + f"\n{result['generation']}\n" + "-" * 60)
 
     elapsed = time.perf_counter() - start

@@ -167,7 +167,11 @@ def is_rank0() -> bool:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":  # named, or torch warns that it guesses the rank's GPU
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
         dist.barrier()
 
 

@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
 
 def test_gpu_bench_runs_the_trainer_step_on_cpu():
     run = subprocess.run([sys.executable, str(BENCH), "--config", "tiny", "train.device=cpu", "train.compile=false",
-                          "data.micro_batch_size=4", "--steps", "3", "--warmup", "1"],
+                          "data.micro_batch_size=4", "--steps", "3", "--warmup", "1", "--checkpoint"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
@@ -26,3 +26,9 @@ def test_gpu_bench_runs_the_trainer_step_on_cpu():
     assert 0 < mfu < 100
     first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", out).groups())
     assert abs(first - math.log(4096)) < 0.5 and math.isfinite(last)  # random tokens: about ln(vocab)
+    # --checkpoint: 8 files (the shard, its AdamW state, rng, params.json, train_state, config, manifest,
+    # marker), and the resumed Trainer's next step gives the loss the first one's did
+    saved = re.search(r"checkpoint: ([\d.]+) GB \((\d+) files\); .* next step's loss ([\d.]+) straight, ([\d.]+) "
+                      r"resumed: the same", out)
+    assert saved, out[-1500:]
+    assert int(saved.group(2)) == 8 and float(saved.group(1)) > 0 and saved.group(3) == saved.group(4)
