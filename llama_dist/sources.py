@@ -147,6 +147,17 @@ def _dir_files(directory: Path) -> list[Path]:
     return sorted((p for p in files if p.is_file()), key=lambda p: p.as_posix())
 
 
+def _written_by_prepare(path: Path) -> bool:
+    """A file `llama-dist prepare` wrote beside its shards (a shard, the manifest, the progress file,
+    the tokenizer's copy): a glob such as 'corpus/**' that reaches an out dir must not read it as text.
+    """
+    from llama_dist.tokenizer import TOKENIZER_FILE  # tokenizer.py imports this module
+
+    name = path.name.removesuffix(".tmp")
+    ours = name.endswith(".bin") or name in (shards.MANIFEST, shards.PROGRESS_FILE, TOKENIZER_FILE)
+    return ours and is_prepare_output(path.parent)
+
+
 def _suffix(path: Path) -> str:
     """The suffix that says the format: data.jsonl.gz -> .jsonl."""
     suffixes = [s.lower() for s in path.suffixes]
@@ -176,9 +187,11 @@ def resolve(specs: list[str]) -> list[Path]:
         elif path.is_file():
             found = [path]
         elif glob.has_magic(spec):
-            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+            matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+            found = [p for p in matched if not _written_by_prepare(p)]
             if not found:
-                raise UserError(f"no files match the glob '{spec}'")
+                left_out = f" but prepare's own outputs, e.g. {matched[0]}" if matched else ""
+                raise UserError(f"no files match the glob '{spec}'{left_out}")
         else:
             raise UserError(f"input '{spec}' does not exist; pass a file, directory, glob, 'stdlib' or 'tinystories'")
         files.extend(found)

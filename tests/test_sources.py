@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_dist import sources
+from llama_dist import shards, sources
 from llama_dist.errors import UserError
 from llama_dist.sources import Corpus, parse_size
 
@@ -80,6 +80,24 @@ def test_glob_and_duplicates(tmp_path):
     for name in ("x1.txt", "x2.txt", "y.txt"):
         (tmp_path / name).write_text(name)
     assert docs([tmp_path / "x*.txt", tmp_path / "x1.txt"]) == ["x1.txt", "x2.txt"]
+
+
+def test_a_glob_leaves_out_what_prepare_wrote(tmp_path):
+    corpus, out = tmp_path / "corpus", tmp_path / "corpus" / "tokens"
+    out.mkdir(parents=True)
+    (corpus / "a.txt").write_text("a text")
+    (out / "notes.txt").write_text("a text file of the user's beside the shards")
+    for name in ("train-00000-0123abcd.bin", "val-00000-0123abcd.bin.tmp", "tokenizer.model",
+                 shards.PROGRESS_FILE):
+        (out / name).write_bytes(b"\x00\x01binary")
+    (out / shards.MANIFEST).write_text(json.dumps({"format": shards.MANIFEST_FORMAT, "files": []}))
+    assert docs([f"{corpus}/**"]) == ["a text", "a text file of the user's beside the shards"]
+    with pytest.raises(UserError, match=r"no files match the glob '.*\*\.bin' but prepare's own outputs"):
+        sources.resolve([f"{out}/*.bin"])
+    # the same names in a directory prepare did not write are read like any other match
+    (out / shards.MANIFEST).write_text(json.dumps({"not": "ours"}))
+    (out / shards.PROGRESS_FILE).unlink()
+    assert [p.name for p in sources.resolve([f"{out}/*.bin"])] == ["train-00000-0123abcd.bin"]
 
 
 def test_stdlib_is_the_running_pythons_library():
