@@ -4,7 +4,8 @@ The weights are merged from any number of shards one tensor at a time
 (`sharded_source.iter_merged_tensors`), renamed to transformers' keys, and the rows of wq
 and wk reordered from Meta's rotary layout to transformers'. They are written as
 safetensors, in pieces of at most `max_shard_bytes` with an index when the model is
-bigger than that, next to config.json and the sentencepiece tokenizer. Everything
+bigger than that, next to config.json and the sentencepiece tokenizer (Llama 3's
+tiktoken one is left out with a warning; its bos/eos ids still go in). Everything
 goes into a temporary sibling of OUT, renamed into place at the end.
 
     llama-dist export-hf runs/tiny/checkpoints/step-001000 hf/tiny
@@ -45,6 +46,7 @@ LAYER_NAMES = {
 TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")  # Llama 3's tokenizer.model: "IQ== 0"
 
 log = get_logger("llama_dist.export_hf")
 
@@ -70,10 +72,21 @@ def to_hf_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
+def tiktoken_base_size(path: Path) -> Optional[int]:
+    """How many BPE ranks `path` holds if it is Llama 3's tokenizer.model (tiktoken's format: one
+    base64 token and its rank a line, not sentencepiece), else None."""
+    with open(path, "rb") as f:
+        if not TIKTOKEN_LINE.fullmatch(f.readline().rstrip(b"\r\n")):
+            return None
+        f.seek(0)
+        lines = [line.rstrip(b"\r\n") for line in f if line.strip()]
+    return len(lines) if all(TIKTOKEN_LINE.fullmatch(line) for line in lines) else None
+
+
 def _load_tokenizer(ckpt: Path):
     """The sentencepiece model beside the shards, or None; warns where transformers will differ."""
     path = ckpt / TOKENIZER_FILE
-    if not path.is_file():
+    if not path.is_file() or tiktoken_base_size(path) is not None:
         return None
     import sentencepiece as spm
 
@@ -96,8 +109,11 @@ def _load_tokenizer(ckpt: Path):
     return sp
 
 
-def _special_ids(sp) -> dict[str, Optional[int]]:
-    """bos/eos/unk ids from the tokenizer; Meta's 1/2/0 when there is none."""
+def _special_ids(sp, tiktoken_size: Optional[int] = None) -> dict[str, Optional[int]]:
+    """bos/eos/unk ids from the tokenizer; Meta's 1/2/0 when there is none. Llama 3 puts its special
+    tokens after the BPE ranks, <|begin_of_text|> first and <|end_of_text|> second, and has no unk."""
+    if tiktoken_size is not None:
+        return {"bos": tiktoken_size, "eos": tiktoken_size + 1, "unk": None}
     if sp is None:
         return {"bos": 1, "eos": 2, "unk": 0}
     ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
@@ -250,8 +266,14 @@ def export_hf(ckpt_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dty
     args = read_params(ckpt)
     _check_transformers_shape(ckpt, args)
     max_positions = _max_positions(ckpt, args)
+    tokenizer = ckpt / TOKENIZER_FILE
+    tiktoken_size = tiktoken_base_size(tokenizer) if tokenizer.is_file() else None
+    if tiktoken_size is not None:
+        log.warning(f"export-hf: {tokenizer} is Llama 3's tiktoken BPE, which this export does not convert: "
+                    f"the weights and config go out without a tokenizer; take tokenizer.json from the "
+                    f"release's transformers copy (bos {tiktoken_size}, eos {tiktoken_size + 1} set here)")
     sp = _load_tokenizer(ckpt)
-    special = _special_ids(sp)
+    special = _special_ids(sp, tiktoken_size)
 
     with staged_directory(out_dir, force, source=ckpt) as tmp:
         vocab_size, written = _write_weights(tmp, args, iter_merged_tensors(ckpt), dtype, max_shard_bytes)

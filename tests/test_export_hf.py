@@ -207,3 +207,31 @@ def test_a_head_count_that_does_not_divide_dim_is_refused(tmp_path, tokenizer_mo
                                         r"Llama needs hidden_size divisible by the head count") as err:
         export_hf(ckpt, tmp_path / "hf")
     assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()
+
+
+def test_llama3s_tiktoken_tokenizer_is_left_out_not_refused(tmp_path, tokenizer_model, monkeypatch):
+    import base64
+
+    import llama_dist.export_hf as export_module
+
+    warned: list[str] = []
+    monkeypatch.setattr(export_module.log, "warning", warned.append)
+
+    ranks = 300  # the BPE ranks; Llama 3's special tokens follow them, so the vocabulary is larger
+    ckpt, model = make_checkpoint(tmp_path / "ckpt", gqa_args(320, 500000.0), tokenizer_model)
+    lines = [f"{base64.b64encode(bytes([i % 256, i // 256])).decode()} {i}" for i in range(ranks)]
+    (ckpt / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    export_hf(ckpt, tmp_path / "hf")
+    out = tmp_path / "hf"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (ranks, ranks + 1)
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": ranks,
+                                                                        "eos_token_id": ranks + 1}
+    assert len(warned) == 1 and "Llama 3's tiktoken BPE" in warned[0]
+    tokens = torch.tensor([[ranks, 5, 17, 42]])
+    assert torch.allclose(hf_logits(out, tokens), model(tokens), atol=1e-5)
+    # a file that only starts like one is not taken for tiktoken's: it is refused as before
+    (ckpt / "tokenizer.model").write_text("\n".join(lines[:3]) + "\nnot a rank line\n")
+    with pytest.raises(UserError, match="is not a sentencepiece model"):
+        export_hf(ckpt, tmp_path / "again")
