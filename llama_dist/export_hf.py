@@ -84,9 +84,10 @@ def tiktoken_base_size(path: Path) -> Optional[int]:
 
 
 def _load_tokenizer(ckpt: Path):
-    """The sentencepiece model beside the shards, or None; warns where transformers will differ."""
+    """The sentencepiece model beside the shards, or None (also for Llama 3's tiktoken file, which
+    export_hf checks first); warns where transformers will differ."""
     path = ckpt / TOKENIZER_FILE
-    if not path.is_file() or tiktoken_base_size(path) is not None:
+    if not path.is_file():
         return None
     import sentencepiece as spm
 
@@ -272,7 +273,7 @@ def export_hf(ckpt_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dty
         log.warning(f"export-hf: {tokenizer} is Llama 3's tiktoken BPE, which this export does not convert: "
                     f"the weights and config go out without a tokenizer; take tokenizer.json from the "
                     f"release's transformers copy (bos {tiktoken_size}, eos {tiktoken_size + 1} set here)")
-    sp = _load_tokenizer(ckpt)
+    sp = _load_tokenizer(ckpt) if tiktoken_size is None else None
     special = _special_ids(sp, tiktoken_size)
 
     with staged_directory(out_dir, force, source=ckpt) as tmp:

@@ -201,6 +201,11 @@ def _is_ours(name: str) -> bool:
     return is_shard or stem in (PROGRESS_FILE, shards.MANIFEST)
 
 
+def _own_output(path: Path, out: Path) -> bool:
+    """A file in `out` that a prepare run writes there, or the tokenizer trained into it."""
+    return path.parent.resolve() == out.resolve() and (_is_ours(path.name) or path.name == TOKENIZER_FILE)
+
+
 def _clean(out: Path, keep: set[str] = frozenset()) -> None:
     for path in out.iterdir():
         if path.is_file() and _is_ours(path.name) and path.name not in keep:
@@ -334,12 +339,17 @@ def prepare(
     tokenizer = Tokenizer(tokenizer_file)
     tokenizer_sha = sha256_file(tokenizer_file)
     dtype = shards.dtype_for_vocab(tokenizer.n_words)
+    out = Path(out_dir)
     corpus = Corpus(inputs, text_field=text_field, max_bytes=max_bytes)
+    # a glob that reaches this run's own out dir matches its shards and the tokenizer trained there,
+    # even before a first manifest marks the dir as prepare's
+    corpus.files = [f for f in corpus.files if not _own_output(f, out)]
+    if not corpus.files:
+        raise UserError(f"the inputs hold nothing but this run's own files in {out}; name the text to tokenize")
     val_period = round(1 / val_fraction) if val_fraction > 0 else 0
     key = hashlib.sha256(json.dumps(
         [shards.VERSION, tokenizer_sha, corpus.fingerprint(), val_period, shard_tokens]).encode()).hexdigest()
 
-    out = Path(out_dir)
     make_out_dir(out)
     reused = _check_existing(out, key, tokenizer_file, tokenizer_sha, overwrite, progress)
     if reused is not None:

@@ -27,8 +27,9 @@ def test_gpu_bench_runs_the_trainer_step_on_cpu():
     first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", out).groups())
     assert abs(first - math.log(4096)) < 0.5 and math.isfinite(last)  # random tokens: about ln(vocab)
     # --checkpoint: 8 files (the shard, its AdamW state, rng, params.json, train_state, config, manifest,
-    # marker), and the resumed Trainer's next step gives the loss the first one's did
-    saved = re.search(r"checkpoint: ([\d.]+) GB \((\d+) files\); .* next step's loss ([\d.]+) straight, ([\d.]+) "
-                      r"resumed: the same", out)
+    # marker), and the resumed Trainer's next two steps give the losses the first one's did
+    saved = re.search(r"checkpoint: ([\d.]+) GB \((\d+) files\); .*, verified\); the next two steps' losses "
+                      r"([\d.]+) ([\d.]+) straight, ([\d.]+) ([\d.]+) resumed: the same", out)
     assert saved, out[-1500:]
-    assert int(saved.group(2)) == 8 and float(saved.group(1)) > 0 and saved.group(3) == saved.group(4)
+    assert int(saved.group(2)) == 8 and float(saved.group(1)) > 0
+    assert saved.group(3, 4) == saved.group(5, 6) and saved.group(3) != saved.group(4)

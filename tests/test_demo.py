@@ -10,7 +10,8 @@ from llama_dist.checkpoint import latest_checkpoint
 def test_demo_runs_end_to_end_and_reuses_its_data(tmp_path):
     cmd = [sys.executable, "-m", "llama_dist.cli", "demo", "--dir", str(tmp_path), "--steps", "20",
            "--max-bytes", "1500000", "--max-gen-len", "8"]
-    # the CPU path (2 gloo ranks at mp=2) also on a machine with a GPU, where the demo would train in one process
+    # the CPU path (2 gloo ranks at mp=2) also on a machine with GPUs, where the demo would use NCCL
+    # (and with a single GPU, one process)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     out = first.stdout

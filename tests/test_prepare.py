@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,6 +325,21 @@ def test_an_out_dir_inside_its_input_is_not_read_back(tmp_path, tok_path, capsys
     run([tmp_path / "c"], tok_path, out, progress=True)
     assert "up to date" in capsys.readouterr().out
     run([tmp_path / "c"], tok_path, out, overwrite=True)
+    assert_prepared_as(out, tok_path, documents, 0.01)
+
+
+def test_a_glob_over_the_out_dir_leaves_out_its_tokenizer_and_shards(tmp_path, tok_path, capsys):
+    """The tokenizer trained into the out dir, which a glob then reaches before any manifest is there."""
+    documents = write_text_corpus(tmp_path / "c", 20)
+    out = tmp_path / "c" / "tokens"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes(Path(tok_path).read_bytes())
+    with pytest.raises(UserError, match="nothing but this run's own files"):
+        run([f"{out}/*.model"], out / "tokenizer.model", out)
+    spec = f"{tmp_path / 'c'}/**"
+    run([spec], out / "tokenizer.model", out)
+    run([spec], out / "tokenizer.model", out, progress=True)  # the same inputs: reused, not refused
+    assert "up to date" in capsys.readouterr().out
     assert_prepared_as(out, tok_path, documents, 0.01)
 
 
