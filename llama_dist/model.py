@@ -81,9 +81,9 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 def decoding_attention(q: torch.Tensor):
     """Attention backends for decoding, where the key length grows by one every step.
 
-    On CUDA, torch may pick cuDNN's attention, which builds a plan for each new shape:
-    on an H200 that made every new token cost ~50 ms more than a forward of the same
-    model. Flash and memory-efficient attention take any length as it comes.
+    On CUDA, torch may pick cuDNN's attention, which builds a plan for each new shape: on
+    an H200 (torch 2.11) a decoding step of the 110M model took 62.6 ms with it and 13.5 ms
+    without. Flash and memory-efficient attention take any length as it comes.
     """
     if not q.is_cuda or not hasattr(torch.nn, "attention"):  # torch.nn.attention: torch 2.3 on
         return contextlib.nullcontext()
