@@ -31,6 +31,7 @@ from llama_dist.model_args import ModelArgs
 from llama_dist.reshard import parse_dtype, read_config_yaml
 from llama_dist.reshard_cli import DTYPE_NAMES
 from llama_dist.sharded_source import PathLike, iter_merged_tensors
+from llama_dist.tokenizer import tiktoken_base_size
 
 MAX_SHARD_BYTES = 2 << 30  # one safetensors file is held in memory while it is written
 # the released contexts where params.json says nothing (as transformers' configs of the releases do)
@@ -46,7 +47,6 @@ LAYER_NAMES = {
 TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
-TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")  # Llama 3's tokenizer.model: "IQ== 0"
 
 log = get_logger("llama_dist.export_hf")
 
@@ -70,17 +70,6 @@ def to_hf_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     rows, dim = weight.shape
     head_dim = rows // heads
     return weight.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def tiktoken_base_size(path: Path) -> Optional[int]:
-    """How many BPE ranks `path` holds if it is Llama 3's tokenizer.model (tiktoken's format: one
-    base64 token and its rank a line, not sentencepiece), else None."""
-    with open(path, "rb") as f:
-        if not TIKTOKEN_LINE.fullmatch(f.readline().rstrip(b"\r\n")):
-            return None
-        f.seek(0)
-        lines = [line.rstrip(b"\r\n") for line in f if line.strip()]
-    return len(lines) if all(TIKTOKEN_LINE.fullmatch(line) for line in lines) else None
 
 
 def _load_tokenizer(ckpt: Path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -24,6 +25,7 @@ TOKENIZER_FILE = "tokenizer.model"
 # sentencepiece keeps a uniform sample of this many lines; more buys little and costs minutes
 DEFAULT_INPUT_SENTENCE_SIZE = 1_000_000
 MAX_SENTENCE_BYTES = 4192  # LLaMA's setting; longer lines are left out of training
+TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")  # Llama 3's tokenizer.model: "IQ== 0"
 
 LLAMA_TRAINER_SETTINGS = dict(
     model_type="bpe",
@@ -45,6 +47,17 @@ LLAMA_TRAINER_SETTINGS = dict(
 )
 
 
+def tiktoken_base_size(path: Path) -> Optional[int]:
+    """How many BPE ranks `path` holds if it is Llama 3's tokenizer.model (tiktoken's format: one
+    base64 token and its rank a line, not sentencepiece), else None."""
+    with open(path, "rb") as f:
+        if not TIKTOKEN_LINE.fullmatch(f.readline().rstrip(b"\r\n")):
+            return None
+        f.seek(0)
+        lines = [line.rstrip(b"\r\n") for line in f if line.strip()]
+    return len(lines) if all(TIKTOKEN_LINE.fullmatch(line) for line in lines) else None
+
+
 class Tokenizer:
     """Meta's tokenizer shape: encode(s, bos, eos), decode(ids), n_words, bos_id, eos_id, pad_id."""
 
@@ -56,6 +69,10 @@ class Tokenizer:
         try:
             self.sp_model = SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as err:
+            if tiktoken_base_size(path) is not None:
+                raise UserError(f"{path} is Llama 3's tiktoken tokenizer, and llama_dist reads sentencepiece "
+                                f"models only; export the checkpoint (llama-dist export-hf) and use it with "
+                                f"the release's tokenizer.json in transformers") from None
             raise UserError(f"{path} is not a sentencepiece model ({err})") from None
         self.path = path
         self.n_words: int = self.sp_model.vocab_size()

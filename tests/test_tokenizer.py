@@ -127,3 +127,16 @@ def test_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
     assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_llama3s_tiktoken_file_is_named_as_such(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    path.write_text("IQ== 0\nIg== 1\nIw== 2\n")  # Llama 3's format: a base64 token and its rank a line
+    assert tokenizer_mod.tiktoken_base_size(path) == 3
+    with pytest.raises(UserError, match=r"is Llama 3's tiktoken tokenizer, and llama_dist reads sentencepiece "
+                                        r"models only; export the checkpoint \(llama-dist export-hf\)"):
+        Tokenizer(path)
+    path.write_text("IQ== 0\nnot a rank\n")
+    assert tokenizer_mod.tiktoken_base_size(path) is None
+    with pytest.raises(UserError, match="is not a sentencepiece model"):
+        Tokenizer(path)
