@@ -22,8 +22,9 @@ Issue 4's goal for a ~1B model on a GPU: >= 45%.
 tensor at a time, fsynced, hashed) into a temp run dir, takes two more steps, frees that Trainer,
 and times a new one's resume (with the sha256 check unless checkpoint.verify=false), which takes
 the same two steps: the losses must come out the same, the second of which depends on the
-restored AdamW moments and step too, or the bench exits 1. GB/s counts the checkpoint's files as
-rank 0 sees them (every rank's on a shared disk).
+restored AdamW moments and step too, or the bench exits 1. Rank 0 makes the run dir and every
+rank writes into it, as in training: on several nodes, put it on a disk they share
+(--checkpoint-dir). GB/s counts the checkpoint's files, every rank's.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from bench_loader import synthetic_data
 from llama_dist import distributed
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     parser.add_argument("--checkpoint", action="store_true", help="then time a save and a resume")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="where --checkpoint's temp run dir goes (default: the system's temp dir); "
+                             "on several nodes, a directory every node shares")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.micro_batch_size=4")
     opts = parser.parse_args(argv)
     if opts.steps < 1 or opts.warmup < 0:
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     info = distributed.init_distributed(cfg.parallel.mp, cfg.parallel.backend, cfg.train.device,
                                         cfg.parallel.timeout_minutes)
     data_dir = Path(tempfile.mkdtemp(prefix="bench_gpu-"))
-    run_dir = Path(tempfile.mkdtemp(prefix="bench_gpu-run-"))
+    run_dir = shared_run_dir(info, opts.checkpoint_dir)
     try:
         validate(cfg, world_size=info.world_size)
         steps = opts.warmup + opts.steps
@@ -97,8 +102,17 @@ def main(argv: list[str] | None = None) -> None:
             resume_then_step(cfg, info, saved, save_s, expected)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if info.is_rank0:
+            shutil.rmtree(run_dir, ignore_errors=True)
         distributed.shutdown()
+
+
+def shared_run_dir(info, parent: str | None) -> Path:
+    """One temp run dir for every rank, made by rank 0: a checkpoint's files go into one directory."""
+    name = [tempfile.mkdtemp(prefix="bench_gpu-run-", dir=parent) if info.is_rank0 else None]
+    if info.world_size > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
 
 
 def _timed(fn, device: torch.device) -> float:

@@ -33,3 +33,15 @@ def test_gpu_bench_runs_the_trainer_step_on_cpu():
     assert saved, out[-1500:]
     assert int(saved.group(2)) == 8 and float(saved.group(1)) > 0
     assert saved.group(3, 4) == saved.group(5, 6) and saved.group(3) != saved.group(4)
+
+
+def test_gpu_bench_checkpoint_at_mp2_on_two_ranks():
+    """Every rank must write into rank 0's run dir: each making its own left rank 1's files nowhere."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(BENCH), "--config", "tiny", "train.device=cpu", "train.compile=false",
+                          "data.micro_batch_size=4", "parallel.mp=2", "--steps", "2", "--warmup", "1",
+                          "--checkpoint"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "world 2 = dp 1 x mp 2 on cpu (gloo, float32)" in run.stdout
+    # two shards, two AdamW states, two rng files, and the five rank 0 writes
+    assert re.search(r"checkpoint: [\d.]+ GB \(11 files\); .* resumed: the same", run.stdout), run.stdout[-1500:]
