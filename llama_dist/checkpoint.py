@@ -36,7 +36,7 @@ from llama_dist.checkpoint_files import (
 from llama_dist.config import Config
 from llama_dist.distributed import DistInfo, barrier
 from llama_dist.errors import UserError
-from llama_dist.files import atomic_copy_file, atomic_write_text, fsync_path
+from llama_dist.files import atomic_copy_file, atomic_write_text, fsync_path, is_disk_full
 from llama_dist.meta_format import load_shard, read_params, save_shard, shard_paths, write_params
 from llama_dist.run_markers import restarted
 
@@ -145,29 +145,38 @@ def save_checkpoint(
 
     written: list[Path] = []
     digests: dict[str, str] = {}  # sha256s of the tensor files, taken while they were written
-    if info.dp_rank == 0:  # dp replicas hold the same shard: one writer per mp rank
-        path = target / shard_file(info.mp_rank)
-        digests[path.name] = save_shard(model.state_dict(), path)
+    try:
+        if info.dp_rank == 0:  # dp replicas hold the same shard: one writer per mp rank
+            path = target / shard_file(info.mp_rank)
+            digests[path.name] = save_shard(model.state_dict(), path)
+            written.append(path)
+            path = target / optimizer_file(info.mp_rank)
+            digests[path.name] = save_shard(optimizer_state_tensors(model, optimizer), path)
+            written.append(path)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and info.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(info.device)
+        path = target / rng_file(info.rank)
+        digests[path.name] = save_shard(rng, path)
         written.append(path)
-        path = target / optimizer_file(info.mp_rank)
-        digests[path.name] = save_shard(optimizer_state_tensors(model, optimizer), path)
-        written.append(path)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and info.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(info.device)
-    path = target / rng_file(info.rank)
-    digests[path.name] = save_shard(rng, path)
-    written.append(path)
-    _fault_point("save", step, info)
+        _fault_point("save", step, info)
 
-    if info.is_rank0:
-        write_params(target, cfg.model)
-        atomic_write_text(target / TRAIN_STATE, json.dumps(train_state, indent=2) + "\n")
-        atomic_write_text(target / CONFIG_FILE, cfg.to_yaml())
-        written += [target / PARAMS_FILE, target / TRAIN_STATE, target / CONFIG_FILE]
-        if tokenizer_path is not None and Path(tokenizer_path).is_file():
-            atomic_copy_file(tokenizer_path, target / TOKENIZER_FILE)
-            written.append(target / TOKENIZER_FILE)
+        if info.is_rank0:
+            write_params(target, cfg.model)
+            atomic_write_text(target / TRAIN_STATE, json.dumps(train_state, indent=2) + "\n")
+            atomic_write_text(target / CONFIG_FILE, cfg.to_yaml())
+            written += [target / PARAMS_FILE, target / TRAIN_STATE, target / CONFIG_FILE]
+            if tokenizer_path is not None and Path(tokenizer_path).is_file():
+                atomic_copy_file(tokenizer_path, target / TOKENIZER_FILE)
+                written.append(target / TOKENIZER_FILE)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        _drop_own_files(target, info)
+        last = committed_checkpoints(run_dir)
+        kept = f"{last[-1][1].name} stays the one a rerun resumes from" if last else "no checkpoint was saved before"
+        raise UserError(f"no space left to save {target} ({err.strerror}); {kept}. Free space there "
+                        f"(checkpoint.keep_last keeps fewer) and run again") from None
 
     # each rank hashes what it wrote; rank 0 writes the manifest, then the marker
     mine = manifest_entries(written, digests)
@@ -186,6 +195,19 @@ def save_checkpoint(
         fsync_path(target.parent)  # the step's own entry, before a prune removes older ones
     barrier()
     return target
+
+
+def _drop_own_files(target: Path, info: DistInfo) -> None:
+    """What this rank wrote, or began to write, into an uncommitted step dir: a save that ran out of
+    space must give the space back. Other ranks' files are theirs to drop."""
+    names = [rng_file(info.rank)]
+    if info.dp_rank == 0:
+        names += [shard_file(info.mp_rank), optimizer_file(info.mp_rank)]
+    if info.is_rank0:
+        names += [PARAMS_FILE, TRAIN_STATE, CONFIG_FILE, TOKENIZER_FILE]
+    for name in names:
+        for path in (target / name, target / f"{name}.tmp"):
+            path.unlink(missing_ok=True)
 
 
 def _fault_point(where: str, step: int, info: DistInfo) -> None:

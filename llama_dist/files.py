@@ -106,6 +106,11 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """A write that failed for want of space (or of quota): the user's to fix, not a bug."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write to NAME.tmp, sync, rename into place."""
     path = Path(path)

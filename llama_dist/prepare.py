@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from llama_dist import shards
-from llama_dist.files import atomic_copy_file, atomic_write_json, sha256_file
+from llama_dist.files import atomic_copy_file, atomic_write_json, is_disk_full, sha256_file
 from llama_dist.errors import UserError
 from llama_dist.sources import Corpus, parse_size
 from llama_dist.tokenizer import TOKENIZER_FILE, Tokenizer, make_out_dir
@@ -365,8 +365,11 @@ def prepare(
     try:
         _stream(corpus, sink, workers, str(tokenizer_file), bar)
         sink.close_all()
-    except BaseException:
+    except BaseException as err:
         sink.abort()  # finished shards and the progress file stay for the next run
+        if is_disk_full(err):
+            raise UserError(f"no space left to write the shards in {out} ({err.strerror}); free some space "
+                            f"there and run the same command again to continue, or choose another --out") from None
         raise
     finally:
         bar.close()

@@ -143,7 +143,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()  # flushes what is buffered, which fails again on a full disk
+            except OSError:
+                pass
             self._file = None
         self.tmp_path.unlink(missing_ok=True)
 

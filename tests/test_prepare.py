@@ -393,3 +393,40 @@ def test_out_naming_a_file_is_a_one_line_error(tmp_path, tok_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--out" in err and "is a file; give a directory" in err and len(err.splitlines()) == 1
     assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_leaves_no_partial_shard_and_a_rerun_finishes(tmp_path, tok_path, monkeypatch):
+    import errno
+
+    documents = write_text_corpus(tmp_path / "c", 40)
+    out = tmp_path / "out"
+    real_write, calls = shards.ShardWriter.write, []
+
+    def fills_up(self, tokens):
+        calls.append(1)
+        if len(calls) > 25:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, tokens)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", fills_up)
+    with pytest.raises(UserError, match=r"^no space left to write the shards in .*out \(No space left on device\); "
+                                        r"free some space there and run the same command again to continue"):
+        run([tmp_path / "c"], tok_path, out, shard_tokens=2000)
+    assert not list(out.glob("*.tmp")) and not (out / shards.MANIFEST).exists()
+    monkeypatch.undo()
+    run([tmp_path / "c"], tok_path, out, shard_tokens=2000)
+    assert_prepared_as(out, tok_path, documents, 0.01)
+
+
+def test_a_shard_writer_aborts_cleanly_when_even_its_close_fails(tmp_path):
+    writer = shards.ShardWriter(tmp_path / "train-00000.bin", np.uint16)
+    writer.write(np.arange(10, dtype=np.uint16))
+
+    class FullDisk:
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    writer._file.close()
+    writer._file = FullDisk()  # what a buffered file does when its last flush finds no space
+    writer.abort()
+    assert not writer.tmp_path.exists() and writer._file is None

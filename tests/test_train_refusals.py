@@ -290,3 +290,27 @@ def test_resumed_optimizer_state_is_a_copy_not_a_view_of_the_file(data_dir, comm
     assert state.keys() == saved.keys() and any(key.startswith("exp_avg/") for key in state)
     for key, value in saved.items():
         assert torch.equal(state[key].cpu(), value), key
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_gives_the_space_back(data_dir, tmp_path, monkeypatch):
+    import errno
+
+    from llama_dist.run_checks import resume_point
+    from llama_dist.train import Trainer
+
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=4")
+    trainer = Trainer(cfg, distributed.init_distributed(1, "gloo", "cpu"))
+    trainer.step = 2
+    trainer.save()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)  # every tensor file's writes
+    trainer.step = 4
+    with pytest.raises(UserError, match=r"^no space left to save .*step-000004 \(No space left on device\); "
+                                        r"step-000002 stays the one a rerun resumes from\. Free space there"):
+        trainer.save()
+    assert list((tmp_path / "run" / "checkpoints" / "step-000004").iterdir()) == []  # nothing half-written kept
+    monkeypatch.undo()
+    assert resume_point(cfg, 1).name == "step-000002"
