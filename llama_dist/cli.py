@@ -64,6 +64,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as err:
         print(f"llama-dist {name}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        from llama_dist.files import is_disk_full
+
+        if not is_disk_full(err):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"llama-dist {name}: error: {err.strerror}{where}; free some space (df -h) and run it again",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"llama-dist {name}: interrupted", file=sys.stderr)
         return 130

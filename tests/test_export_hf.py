@@ -5,6 +5,7 @@ is what makes the logits agree. Needs the test extras: pip install transformers 
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -235,3 +236,23 @@ def test_llama3s_tiktoken_tokenizer_is_left_out_not_refused(tmp_path, tokenizer_
     (ckpt / "tokenizer.model").write_text("\n".join(lines[:3]) + "\nnot a rank line\n")
     with pytest.raises(UserError, match="is not a sentencepiece model"):
         export_hf(ckpt, tmp_path / "again")
+
+
+def test_a_full_disk_is_one_line_from_the_command_and_leaves_no_half_export(tmp_path, tokenizer_model, monkeypatch,
+                                                                           capsys):
+    import errno
+
+    import llama_dist.export_hf as export_module
+    from llama_dist.cli import main as cli_main
+
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", gqa_args(320), tokenizer_model)
+
+    def full(tmp, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model.safetensors"))
+
+    monkeypatch.setattr(export_module, "_write_weights", full)
+    assert cli_main(["export-hf", str(ckpt), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"llama-dist export-hf: error: No space left on device writing \S+/model\.safetensors; "
+                        r"free some space \(df -h\) and run it again", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the staging directory went too
