@@ -145,6 +145,7 @@ def save_checkpoint(
 
     written: list[Path] = []
     digests: dict[str, str] = {}  # sha256s of the tensor files, taken while they were written
+    full: Optional[str] = None  # this rank ran out of space: every rank hears of it at the gather
     try:
         if info.dp_rank == 0:  # dp replicas hold the same shard: one writer per mp rank
             path = target / shard_file(info.mp_rank)
@@ -172,29 +173,46 @@ def save_checkpoint(
     except OSError as err:
         if not is_disk_full(err):
             raise
-        _drop_own_files(target, info)
-        last = committed_checkpoints(run_dir)
-        kept = f"{last[-1][1].name} stays the one a rerun resumes from" if last else "no checkpoint was saved before"
-        raise UserError(f"no space left to save {target} ({err.strerror}); {kept}. Free space there "
-                        f"(checkpoint.keep_last keeps fewer) and run again") from None
+        _drop_own_files(target, info)  # at once: the other ranks may still be writing
+        full = err.strerror or "no space left on device"
 
     # each rank hashes what it wrote; rank 0 writes the manifest, then the marker
-    mine = manifest_entries(written, digests)
+    mine = ({} if full else manifest_entries(written, digests), full)
     gathered: list[Any] = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
+    failed = [reason for _, reason in gathered if reason]
+    if failed:  # every rank has stopped writing: the step's files go, whoever wrote them
+        if info.is_rank0:
+            _remove_step_dir(target)
+        barrier()
+        raise _disk_full(run_dir, target, failed[0])
     if info.is_rank0:
         files: dict[str, Any] = {}
-        for part in gathered:
+        for part, _ in gathered:
             files.update(part)
-        atomic_write_text(target / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))}, indent=1))
-        fsync_path(target)
-        atomic_write_text(target / COMMIT_MARKER, f"{step}\n")
-        fsync_path(target)
-        fsync_path(target.parent)  # the step's own entry, before a prune removes older ones
+        try:
+            atomic_write_text(target / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))},
+                                                            indent=1))
+            fsync_path(target)
+            atomic_write_text(target / COMMIT_MARKER, f"{step}\n")
+            fsync_path(target)
+            fsync_path(target.parent)  # the step's own entry, before a prune removes older ones
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            _remove_step_dir(target)  # the other ranks wait at the barrier until torchrun ends them
+            raise _disk_full(run_dir, target, err.strerror or "no space left on device") from None
     barrier()
     return target
+
+
+def _disk_full(run_dir: str | os.PathLike, target: Path, reason: str) -> UserError:
+    last = committed_checkpoints(run_dir)
+    kept = f"{last[-1][1].name} stays the one a rerun resumes from" if last else "no checkpoint was saved before"
+    return UserError(f"no space left to save {target} ({reason}); its files are removed and {kept}. "
+                     f"Free space there (checkpoint.keep_last keeps fewer) and run again")
 
 
 def _drop_own_files(target: Path, info: DistInfo) -> None:

@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 from typing import Optional
 
-from llama_dist.files import atomic_write_text
+from llama_dist.files import atomic_write_text, is_disk_full
 from llama_dist.logs import get_logger
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGUSR1; requeue to resume
@@ -122,5 +122,10 @@ def leave_rank_error(run_dir: str | os.PathLike, rank: int, world_size: int, err
     """RUN/ERROR.<rank>: torchrun turns a rank's error into exit 1 and a traceback; this keeps the line."""
     if world_size > 1:
         marker = Path(run_dir) / f"{ERROR_MARKER}.{rank}"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, json.dumps({"rank": rank, "error": str(err)}) + "\n")
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(marker, json.dumps({"rank": rank, "error": str(err)}) + "\n")
+        except OSError as write_err:  # a full disk, say: the rank's own error is the one to raise
+            marker.with_name(marker.name + ".tmp").unlink(missing_ok=True)
+            if not is_disk_full(write_err):
+                raise

@@ -131,14 +131,18 @@ class ShardWriter:
     def close(self) -> dict[str, Any]:
         """Fill in the count, sync, rename into place; return the shard's manifest entry."""
         assert self._file is not None, "closed twice"
-        self._file.seek(0)
-        self._file.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        digest = sha256_file(self.tmp_path)
-        os.replace(self.tmp_path, self.path)
+        try:
+            self._file.seek(0)
+            self._file.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count))
+            self._file.flush()  # where a full disk often shows first: the writes only filled the buffer
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            digest = sha256_file(self.tmp_path)
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return {"file": self.path.name, "tokens": self.count, "sha256": digest}
 
     def abort(self) -> None:

@@ -430,3 +430,18 @@ def test_a_shard_writer_aborts_cleanly_when_even_its_close_fails(tmp_path):
     writer._file = FullDisk()  # what a buffered file does when its last flush finds no space
     writer.abort()
     assert not writer.tmp_path.exists() and writer._file is None
+
+
+def test_a_shard_whose_close_finds_no_space_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    writer = shards.ShardWriter(tmp_path / "train-00000.bin", np.uint16)
+    writer.write(np.arange(10, dtype=np.uint16))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []

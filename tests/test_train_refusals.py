@@ -309,8 +309,55 @@ def test_a_full_disk_during_a_save_is_one_line_and_gives_the_space_back(data_dir
     monkeypatch.setattr(os, "pwrite", full)  # every tensor file's writes
     trainer.step = 4
     with pytest.raises(UserError, match=r"^no space left to save .*step-000004 \(No space left on device\); "
-                                        r"step-000002 stays the one a rerun resumes from\. Free space there"):
+                                        r"its files are removed and step-000002 stays the one a rerun resumes "
+                                        r"from\. Free space there"):
         trainer.save()
-    assert list((tmp_path / "run" / "checkpoints" / "step-000004").iterdir()) == []  # nothing half-written kept
+    assert not (tmp_path / "run" / "checkpoints" / "step-000004").exists()  # nothing half-written kept
     monkeypatch.undo()
     assert resume_point(cfg, 1).name == "step-000002"
+
+
+def _save_with_a_full_disk_on_rank_1(data_dir, run):
+    import errno
+
+    from llama_dist.train import Trainer
+
+    trainer = Trainer(tiny_config(data_dir, run, "parallel.mp=2", "train.steps=4"),
+                      distributed.init_distributed(2, "gloo", "cpu"))
+    trainer.step = 2
+    trainer.save()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if distributed.current().rank == 1:
+        os.pwrite = full  # this spawned rank's own process
+    trainer.step = 4
+    try:
+        trainer.save()
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_and_removes_the_whole_step(data_dir, tmp_path):
+    run = tmp_path / "run"
+    messages = run_ranks(_save_with_a_full_disk_on_rank_1, 2, data_dir, run)
+    assert messages[0] == messages[1] and messages[0] is not None  # rank 0 wrote fine, and stops too
+    assert re.search(r"step-000004 \(No space left on device\); its files are removed and step-000002 stays",
+                     messages[0])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]  # rank 0's shard went too
+
+
+def test_a_rank_error_marker_that_finds_no_space_leaves_the_error_to_raise(tmp_path, monkeypatch):
+    import errno
+
+    from llama_dist import run_markers
+
+    def full(path, text):
+        path.with_name(path.name + ".tmp").write_text("")  # begun, as atomic_write_text begins
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_markers, "atomic_write_text", full)
+    run_markers.leave_rank_error(tmp_path, 1, 2, UserError("the rank's own error"))  # no OSError out of it
+    assert list(tmp_path.iterdir()) == []
