@@ -217,7 +217,7 @@ def _disk_full(run_dir: str | os.PathLike, target: Path, reason: str) -> UserErr
 
 def _drop_own_files(target: Path, info: DistInfo) -> None:
     """What this rank wrote, or began to write, into an uncommitted step dir: a save that ran out of
-    space must give the space back. Other ranks' files are theirs to drop."""
+    space gives its space back at once, and rank 0 removes the whole step once every rank has stopped."""
     names = [rng_file(info.rank)]
     if info.dp_rank == 0:
         names += [shard_file(info.mp_rank), optimizer_file(info.mp_rank)]
