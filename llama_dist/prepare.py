@@ -45,7 +45,7 @@ from llama_dist.tokenizer import TOKENIZER_FILE, Tokenizer, make_out_dir
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB as uint16
 BATCH_CHARS = 1 << 18  # text per worker task: big enough to hide pickling, small enough to balance
 PROGRESS_FILE = shards.PROGRESS_FILE
-SPLITS = ("train", "val")
+SPLITS = shards.SPLITS
 
 
 def default_workers() -> int:
@@ -194,21 +194,15 @@ def _stream(corpus: Corpus, sink: ShardSink, workers: int, tokenizer_path: str, 
 # --------------------------------------------------------------------------- the run
 
 
-def _is_ours(name: str) -> bool:
-    """Files a prepare run writes; the only ones it ever deletes."""
-    stem = name.removesuffix(".tmp")
-    is_shard = stem.endswith(".bin") and stem.split("-", 1)[0] in SPLITS
-    return is_shard or stem in (PROGRESS_FILE, shards.MANIFEST)
-
-
 def _own_output(path: Path, out: Path) -> bool:
     """A file in `out` that a prepare run writes there, or the tokenizer trained into it."""
-    return path.parent.resolve() == out.resolve() and (_is_ours(path.name) or path.name == TOKENIZER_FILE)
+    ours = shards.written_by_prepare(path.name) or path.name == TOKENIZER_FILE
+    return ours and path.parent.resolve() == out.resolve()
 
 
 def _clean(out: Path, keep: set[str] = frozenset()) -> None:
     for path in out.iterdir():
-        if path.is_file() and _is_ours(path.name) and path.name not in keep:
+        if path.is_file() and shards.written_by_prepare(path.name) and path.name not in keep:
             path.unlink()
 
 
@@ -305,7 +299,7 @@ def _resume_point(out: Path, key: str, progress: bool, keep: set[str]) -> tuple[
         say(f"prepare: continuing an interrupted run after {state['documents']:,} documents "
             f"({len(state['shards'])} shards kept)")
         return int(state["documents"]), list(state["shards"])
-    if any(_is_ours(p.name) and p.name not in keep for p in out.iterdir()):
+    if any(shards.written_by_prepare(p.name) and p.name not in keep for p in out.iterdir()):
         say(f"prepare: discarding an unfinished run in {out} (other inputs, settings or tokenizer)")
     _clean(out, keep)
     return 0, []

@@ -37,6 +37,7 @@ HEADER_SIZE = HEADER.size  # 32
 MANIFEST = "manifest.json"
 PROGRESS_FILE = "prepare.progress.json"  # an unfinished prepare's checkpoint, beside its shards
 MANIFEST_FORMAT = "llama_dist.tokens"
+SPLITS = ("train", "val")
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
@@ -101,6 +102,14 @@ def open_shard(path: str | os.PathLike) -> np.ndarray:
     if header.count == 0:
         return np.zeros(0, dtype=header.dtype)
     return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.count,))
+
+
+def written_by_prepare(name: str) -> bool:
+    """Whether `name` is a file prepare writes into its out dir: a shard, the manifest or the
+    progress file, or the NAME.tmp of one. The only files prepare deletes, and files no input
+    should read back."""
+    stem = name.removesuffix(".tmp")
+    return (stem.endswith(".bin") and stem.split("-", 1)[0] in SPLITS) or stem in (PROGRESS_FILE, MANIFEST)
 
 
 class ShardWriter:

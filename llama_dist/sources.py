@@ -153,8 +153,7 @@ def _written_by_prepare(path: Path) -> bool:
     """
     from llama_dist.tokenizer import TOKENIZER_FILE  # tokenizer.py imports this module
 
-    name = path.name.removesuffix(".tmp")
-    ours = name.endswith(".bin") or name in (shards.MANIFEST, shards.PROGRESS_FILE, TOKENIZER_FILE)
+    ours = shards.written_by_prepare(path.name) or path.name == TOKENIZER_FILE
     return ours and is_prepare_output(path.parent)
 
 
