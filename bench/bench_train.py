@@ -20,6 +20,12 @@ by the wall clock, and by CPU time (process CPU seconds / threads), which leaves
 the time other processes held the cores; at one thread the latter is the steadier.
 Issue 4's goal: ratio >= 1.25 and our MFU >= 80%.
 
+A third timed run per round, the kernel floor, runs only the step's weight matmuls
+(forward, input and weight gradients, in the step's shapes and layouts) and its causal
+attention forward and backward, as often as a step runs them. No implementation that
+calls these kernels can be faster than that, so floor/hf tokens/s is the highest
+ours/hf ratio on reach, measured in the same run; `--no-floor` leaves it out.
+
 --compile model is what train.compile does (minutes to compile 12 blocks on 2 cores);
 --compile blocks compiles each block (one graph shared by all 12). --what-if patches
 candidate changes to llama_dist/model.py into this process only, to measure them
@@ -164,6 +170,50 @@ def matmul_peak(size: int, repeats: int = 8) -> tuple[float, float]:
     return 2 * size**3 / best_wall, 2 * size**3 / best_cpu
 
 
+def step_matmuls(args: ModelArgs, tokens: int) -> list[tuple[int, int, int]]:
+    """(in, out, count) of every weight matmul in one training step's forward: each
+    also runs twice in backward (input and weight gradients), all on `tokens` rows."""
+    q, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    per_layer = [(args.dim, q, 1), (args.dim, kv, 2), (q, args.dim, 1),  # wq, wk+wv, wo
+                 (args.dim, args.ffn_hidden_dim, 2), (args.ffn_hidden_dim, args.dim, 1)]  # w1+w3, w2
+    return [(k, n, c * args.n_layers) for k, n, c in per_layer] + [(args.dim, args.vocab_size, 1)]
+
+
+class KernelFloor:
+    """The step's matmuls and causal attention, each run alone in the step's shapes and
+    layouts, forward and backward: what any model with these shapes spends in torch's
+    kernels before its norms, activations, loss, embedding and optimizer. HF's time over
+    this floor bounds the ratio any implementation calling the same kernels can reach."""
+
+    def __init__(self, args: ModelArgs, batch: int, seq_len: int):
+        tokens = batch * seq_len
+        self.gemms = []
+        for k, n, count in step_matmuls(args, tokens):
+            x, w, dy = torch.randn(tokens, k), torch.randn(n, k), torch.randn(tokens, n)
+            self.gemms.append((count, [lambda x=x, w=w: x @ w.t(),  # forward
+                                       lambda dy=dy, w=w: dy @ w,  # input gradient
+                                       lambda dy=dy, x=x: dy.t() @ x]))  # weight gradient
+        shape = (batch, args.n_heads, seq_len, args.head_dim)  # kv heads repeated, as model.py does
+        self.qkv = [torch.randn(shape, requires_grad=True) for _ in range(3)]
+        self.attention_grad = torch.randn(shape)
+        self.n_layers = args.n_layers
+        self.name, self.losses = "floor", []
+
+    def attention(self) -> None:
+        F.scaled_dot_product_attention(*self.qkv, is_causal=True).backward(self.attention_grad)
+
+    def run(self, batches: list[Batch]) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) for as many steps' worth of kernels as batches:
+        each kernel as often as a step runs it."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in batches:
+            for count, kernels in self.gemms + [(self.n_layers, [self.attention])]:
+                for kernel in kernels:
+                    for _ in range(count):
+                        kernel()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def random_batches(count: int, batch: int, seq_len: int, vocab: int) -> list[Batch]:
     generator = torch.Generator().manual_seed(1234)
     batches = []
@@ -194,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fused", action="store_true", help="shorthand: --optim fused --hf-optim fused")
     parser.add_argument("--what-if", default="", help=f"comma list of patches: {', '.join(WHAT_IF)}")
     parser.add_argument("--skip-hf", action="store_true", help="time ours only (no ratio)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="leave out the kernel floor (the step's matmuls and attention alone)")
     args = parser.parse_args(argv)
     if args.fused:
         args.optim = args.hf_optim = "fused"
@@ -227,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         groups = decay_groups(hf, "model.embed_tokens", cfg.optim.weight_decay)
         sides.append(Side("hf", hf_forward, adamw(groups, cfg, opts.hf_optim)))
         assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours_model.parameters())
+    if not opts.no_floor:
+        sides.append(KernelFloor(args, opts.batch, opts.seq_len))
 
     tokens_per_step = opts.batch * opts.seq_len
     flops = flops_per_token(args, opts.seq_len)
@@ -273,10 +327,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {side.name:<5} tokens/s {median(rates):7.1f}  MFU {100 * median(mfu):5.1f}% "
                   f"(per round: {', '.join(f'{100 * m:.0f}' for m in mfu)}; "
                   f"vs the best peak: {100 * median(rates) * flops / max(all_peaks):.1f}%)")
-        if len(sides) == 2:
+        names = [side.name for side in sides]
+        if "hf" in names:
             ratios = [o / h for (o, _), (h, _) in zip(samples[clock]["ours"], samples[clock]["hf"])]
             print(f"  ours/hf tokens/s ratio {median(ratios):.3f}  "
                   f"(per round: {', '.join(f'{r:.2f}' for r in ratios)}; goal >= 1.25)")
+        if "hf" in names and "floor" in names:
+            bounds = [f / h for (f, _), (h, _) in zip(samples[clock]["floor"], samples[clock]["hf"])]
+            print(f"  floor/hf ratio {median(bounds):.3f}: the most any model calling these matmul and "
+                  f"attention kernels can reach (per round: {', '.join(f'{r:.2f}' for r in bounds)})")
+            shares = [o / f for (o, _), (f, _) in zip(samples[clock]["ours"], samples[clock]["floor"])]
+            print(f"  ours/floor {median(shares):.3f}: the share of the step ours spends in those kernels")
     shutdown()
 
 
