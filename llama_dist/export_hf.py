@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 from typing import Optional, Union
@@ -25,12 +26,12 @@ import torch
 from llama_dist.checkpoint_files import CONFIG_FILE, PARAMS_FILE, TOKENIZER_FILE
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
-from llama_dist.files import staged_directory
+from llama_dist.files import require_room, staged_directory
 from llama_dist.meta_format import read_params
 from llama_dist.model_args import ModelArgs
 from llama_dist.reshard import parse_dtype, read_config_yaml
 from llama_dist.reshard_cli import DTYPE_NAMES
-from llama_dist.sharded_source import PathLike, iter_merged_tensors
+from llama_dist.sharded_source import PathLike, inspect_model, iter_merged_tensors
 from llama_dist.tokenizer import tiktoken_base_size
 
 MAX_SHARD_BYTES = 2 << 30  # one safetensors file is held in memory while it is written
@@ -265,6 +266,9 @@ def export_hf(ckpt_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dty
     sp = _load_tokenizer(ckpt) if tiktoken_size is None else None
     special = _special_ids(sp, tiktoken_size)
 
+    weights = inspect_model(ckpt).weights  # the shards' headers only
+    needed = sum(math.prod(weights.full_shape(key)) * (cast or weights.dtypes[key]).itemsize for key in weights.shapes)
+    require_room(out_dir, needed, "the export", "free space there or choose another destination")
     with staged_directory(out_dir, force, source=ckpt) as tmp:
         vocab_size, written = _write_weights(tmp, args, iter_merged_tensors(ckpt), dtype, max_shard_bytes)
         config = hf_config(args, vocab_size, written, max_positions, special)

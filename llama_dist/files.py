@@ -111,6 +111,29 @@ def is_disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def free_bytes(path: str | os.PathLike) -> int:
+    """Space an unprivileged writer may still use on the file system that holds `path`, or
+    that will hold it: a run directory need not exist yet."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def require_room(path: str | os.PathLike, needed: int, what: str, fix: str) -> int:
+    """Refuse up front a write the disk holding `path` cannot take, which would otherwise fail
+    only at its end, after all the work; returns the free bytes."""
+    free = free_bytes(path)
+    if free < needed:
+        raise UserError(f"the disk holding {path} has {format_bytes(free)} free and {what} takes "
+                        f"{format_bytes(needed)}; {fix}")
+    return free
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write to NAME.tmp, sync, rename into place."""
     path = Path(path)

@@ -11,10 +11,15 @@ from typing import Optional
 import torch
 
 from llama_dist import distributed
-from llama_dist.checkpoint import check_compatible, check_init_weights, latest_checkpoint
+from llama_dist.checkpoint import check_compatible, check_init_weights, committed_checkpoints, latest_checkpoint
 from llama_dist.checkpoint_files import TOKENIZER_FILE, TRAIN_STATE
 from llama_dist.config import Config, validate
 from llama_dist.errors import UserError
+from llama_dist.files import format_bytes, require_room
+from llama_dist.model import count_parameters
+
+# what a checkpoint stores per parameter: the fp32 weight and AdamW's two fp32 moments
+CHECKPOINT_BYTES_PER_PARAMETER = 12
 
 
 def checkpoint_tokenizer(cfg: Config) -> Optional[Path]:
@@ -47,6 +52,30 @@ def check_compiler(cfg: Config, device: torch.device) -> None:
                         "one $CXX names); install one (e.g. apt install g++) or set train.compile=false") from None
 
 
+def checkpoint_bytes(cfg: Config) -> int:
+    """One checkpoint's size on disk, from the model's shape: the weights and optimizer state,
+    and the tokenizer copy; params.json, the train state and RNG files are a few KB."""
+    tokenizer = checkpoint_tokenizer(cfg)
+    return CHECKPOINT_BYTES_PER_PARAMETER * count_parameters(cfg.model) + (tokenizer.stat().st_size if tokenizer else 0)
+
+
+def check_disk_space(cfg: Config) -> Optional[str]:
+    """Refuse a run whose disk cannot hold one checkpoint: it would train until its first save and
+    lose that work. Returns a warning when the disk holds fewer than the run keeps while it saves."""
+    run_dir = Path(cfg.train.run_dir)
+    size = checkpoint_bytes(cfg)
+    free = require_room(run_dir, size, "one checkpoint of this model (fp32 weights and AdamW state)",
+                        "the first save would fail: free space there or set train.run_dir to a larger disk")
+    # a save writes the new checkpoint before it prunes the oldest: keep_last + 1 at once
+    keep = max(1, cfg.checkpoint.keep_last)
+    needed = max(1, keep + 1 - len(committed_checkpoints(run_dir)))
+    if free < needed * size:
+        return (f"the disk holding {run_dir} has room for {free // size} more checkpoint(s) of "
+                f"{format_bytes(size)} and this run needs {needed} (checkpoint.keep_last={keep}, one more while "
+                f"a save runs): a later save will fail and stop the run unless space is freed")
+    return None
+
+
 def resume_point(cfg: Config, mp_size: int) -> Optional[Path]:
     """The checkpoint a run resumes from, checked against the config; None for a fresh start."""
     run_dir = Path(cfg.train.run_dir)
@@ -66,6 +95,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     from llama_dist.loader import TokenLoader
 
     validate(cfg, world_size=world_size)
+    check_disk_space(cfg)  # its warning is the ranks' to print
     check_compiler(cfg, distributed.pick_device(cfg.train.device, cfg.parallel.backend, local_processes=world_size))
     checkpoint_tokenizer(cfg)
     dp_size = world_size // cfg.parallel.mp

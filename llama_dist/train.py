@@ -51,7 +51,7 @@ from llama_dist.errors import UserError
 from llama_dist.files import atomic_write_text
 from llama_dist.metrics import TensorBoard, device_peak_flops, format_duration, memory_gib
 from llama_dist.model import Transformer, flops_per_token
-from llama_dist.run_checks import check_compiler, checkpoint_tokenizer, preflight, resume_point
+from llama_dist.run_checks import check_compiler, check_disk_space, checkpoint_tokenizer, preflight, resume_point
 from llama_dist.run_markers import (DIVERGED_MARKER, ERROR_MARKER, EXIT_DIVERGED, EXIT_PREEMPTED, PREEMPTED_MARKER,
                                     StopSignal, clear_markers, leave_rank_error, marker_step, rank_error, restarted,
                                     stopped_before_restart)
@@ -385,6 +385,7 @@ def train(cfg: Config) -> int:
                     clear_markers(run_dir, errors=False)
             (run_dir / f"{ERROR_MARKER}.{info.rank}").unlink(missing_ok=True)  # this rank's own, from before
             distributed.barrier()
+            room_for_one_checkpoint(cfg, info)
             trainer = Trainer(cfg, info)
             trainer.resume()
             return trainer.run(stop)
@@ -393,6 +394,22 @@ def train(cfg: Config) -> int:
             raise
         finally:
             distributed.shutdown()
+
+
+def room_for_one_checkpoint(cfg: Config, info: DistInfo) -> None:
+    """check_disk_space on every rank, with one outcome: the free space each sees may differ by a
+    few bytes, and a rank that refused alone would leave the others waiting for it."""
+    refusal, warning = None, None
+    try:
+        warning = check_disk_space(cfg)
+    except UserError as err:
+        refusal = err
+    if distributed.any_rank(refusal is not None, info.device):
+        raise refusal or UserError(f"another rank found no room for one checkpoint on the disk holding "
+                                   f"{cfg.train.run_dir} (its error says how much it needs); free space there "
+                                   f"or set train.run_dir to a larger disk")
+    if warning and info.is_rank0:
+        log.warning(warning)
 
 
 # --------------------------------------------------------------------------- command line

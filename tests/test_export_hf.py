@@ -20,7 +20,7 @@ from llama_dist.distributed import init_distributed, seed_everything  # noqa: E4
 from llama_dist.errors import UserError  # noqa: E402
 from llama_dist.export_hf import export_hf  # noqa: E402
 from llama_dist.meta_format import write_params  # noqa: E402
-from llama_dist.model import ModelArgs, Transformer  # noqa: E402
+from llama_dist.model import ModelArgs, Transformer, count_parameters  # noqa: E402
 from llama_dist.reshard import reshard  # noqa: E402
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, héllo wörld!",
@@ -256,3 +256,23 @@ def test_a_full_disk_is_one_line_from_the_command_and_leaves_no_half_export(tmp_
     assert re.fullmatch(r"llama-dist export-hf: error: No space left on device writing \S+/model\.safetensors; "
                         r"free some space \(df -h\) and run it again", err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the staging directory went too
+
+
+@pytest.mark.parametrize("dtype, itemsize", [(None, 4), ("bf16", 2)])
+def test_a_disk_without_room_for_the_export_is_refused_before_it_writes(tmp_path, tokenizer_model, monkeypatch,
+                                                                       dtype, itemsize):
+    from llama_dist import files
+
+    args = gqa_args(320)
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", args, tokenizer_model)
+    needed = itemsize * count_parameters(args)  # every weight, the embedding and output included
+    monkeypatch.setattr(files, "free_bytes", lambda path: needed - 1)
+    with pytest.raises(UserError, match=rf"^the disk holding {re.escape(str(tmp_path / 'hf'))} has "
+                                        rf"{(needed - 1) / 1e6:.1f} MB free and the export takes "
+                                        rf"{needed / 1e6:.1f} MB; free space there or choose another destination$"):
+        export_hf(ckpt, tmp_path / "hf", dtype=dtype)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    monkeypatch.setattr(files, "free_bytes", lambda path: needed)  # exactly enough
+    export_hf(ckpt, tmp_path / "hf", dtype=dtype)
+    written = sum(p.stat().st_size for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert needed < written < needed + 64 * 1024  # the tensors, and a header of names and offsets

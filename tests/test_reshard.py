@@ -403,3 +403,22 @@ def test_progress_counts_every_byte_written(tmp_path, training_ckpt, monkeypatch
                   for t in load(path).values())
     assert on.total == sum(on.updates) == written and on.closed and on.disable is None  # drawn on a terminal
     assert back.total == sum(back.updates) and back.disable is True  # the library's default: no bar
+
+
+def test_a_disk_without_room_for_the_new_checkpoint_is_refused_before_it_writes(tmp_path, training_ckpt,
+                                                                               monkeypatch):
+    from llama_dist import files
+
+    src, _, _ = training_ckpt
+    monkeypatch.setattr(files, "free_bytes", lambda path: 0)
+    with pytest.raises(UserError) as refused:
+        reshard(src, tmp_path / "out", 2)
+    match = re.fullmatch(rf"the disk holding {re.escape(str(tmp_path / 'out'))} has 0\.0 MB free and the mp=2 "
+                         rf"checkpoint takes ([\d.]+) MB; free space there or choose another destination",
+                         str(refused.value))
+    assert match, refused.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mp1"]  # nothing staged
+    monkeypatch.undo()
+    reshard(src, tmp_path / "out", 2)
+    written = sum(p.stat().st_size for p in (tmp_path / "out").iterdir() if p.suffix in (".pth", ".pt"))
+    assert abs(float(match.group(1)) * 1e6 - written) < 0.02 * written  # the tensors of both ranks' files

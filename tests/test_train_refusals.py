@@ -361,3 +361,53 @@ def test_a_rank_error_marker_that_finds_no_space_leaves_the_error_to_raise(tmp_p
     monkeypatch.setattr(run_markers, "atomic_write_text", full)
     run_markers.leave_rank_error(tmp_path, 1, 2, UserError("the rank's own error"))  # no OSError out of it
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(data_dir, committed_run, tmp_path,
+                                                                          monkeypatch):
+    """The run would train until its first save and lose that work; the launcher and the rank refuse it."""
+    from llama_dist import files, run_checks
+    from llama_dist.train import preflight
+
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=2", "checkpoint.interval=2")
+    # the estimate is a real checkpoint's size: the weights, AdamW's moments and the tokenizer copy
+    saved = sum(p.stat().st_size for p in (committed_run / "checkpoints" / "step-000002").iterdir())
+    size = run_checks.checkpoint_bytes(cfg)
+    assert 0.97 * saved < size <= saved
+
+    monkeypatch.setattr(files, "free_bytes", lambda path: size - 1)
+    message = (rf"^the disk holding {re.escape(str(tmp_path / 'run'))} has {(size - 1) / 1e6:.1f} MB free and "
+               rf"one checkpoint of this model \(fp32 weights and AdamW state\) takes {size / 1e6:.1f} MB; the "
+               rf"first save would fail: free space there or set train.run_dir to a larger disk$")
+    with pytest.raises(UserError, match=message):
+        preflight(cfg, world_size=1)
+    with pytest.raises(UserError, match=message):
+        train(cfg)
+    assert latest_checkpoint(tmp_path / "run") is None and not (tmp_path / "run" / "checkpoints").exists()
+
+    # room for two: a fresh run that keeps 3 holds 4 while it saves, and is warned
+    monkeypatch.setattr(files, "free_bytes", lambda path: 2 * size)
+    warning = run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", "checkpoint.keep_last=3"))
+    assert "has room for 2 more checkpoint(s)" in warning and "this run needs 4 (checkpoint.keep_last=3" in warning
+    assert run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", "checkpoint.keep_last=1")) is None
+    # a resumed run already holds its two: one more fits
+    assert run_checks.check_disk_space(tiny_config(data_dir, committed_run, "checkpoint.keep_last=2")) is None
+
+
+def _train_with_no_room_on_rank_1(data_dir, run):
+    from llama_dist import files
+
+    if int(os.environ["RANK"]) == 1:
+        files.free_bytes = lambda path: 0  # this spawned rank's own process
+    try:
+        train(tiny_config(data_dir, run, "train.steps=2"))
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def test_a_disk_check_that_fails_on_one_rank_stops_every_rank(data_dir, tmp_path):
+    messages = run_ranks(_train_with_no_room_on_rank_1, 2, data_dir, tmp_path / "run")
+    assert messages[1].startswith(f"the disk holding {tmp_path / 'run'} has 0.0 MB free")
+    assert messages[0].startswith("another rank found no room for one checkpoint")  # rank 0 saw room, and stops
+    assert not (tmp_path / "run" / "checkpoints").exists()
