@@ -59,16 +59,30 @@ def checkpoint_bytes(cfg: Config) -> int:
     return CHECKPOINT_BYTES_PER_PARAMETER * count_parameters(cfg.model) + (tokenizer.stat().st_size if tokenizer else 0)
 
 
+def saves_ahead(cfg: Config, start: int) -> int:
+    """How many checkpoints a run from step `start` saves if no signal stops it: one every
+    checkpoint.interval steps, and one at the end unless that step was one of them."""
+    steps, every = cfg.train.steps, cfg.checkpoint.interval
+    if start >= steps:
+        return 0
+    at_intervals = steps // every - start // every if every else 0
+    return at_intervals + (0 if every and steps % every == 0 else 1)
+
+
 def check_disk_space(cfg: Config) -> Optional[str]:
     """Refuse a run whose disk cannot hold one checkpoint: it would train until its first save and
     lose that work. Returns a warning when the disk holds fewer than the run keeps while it saves."""
     run_dir = Path(cfg.train.run_dir)
+    found = committed_checkpoints(run_dir)
+    ahead = saves_ahead(cfg, found[-1][0] if found else 0)
+    if not ahead:
+        return None
     size = checkpoint_bytes(cfg)
     free = require_room(run_dir, size, "one checkpoint of this model (fp32 weights and AdamW state)",
                         "the first save would fail: free space there or set train.run_dir to a larger disk")
     # a save writes the new checkpoint before it prunes the oldest: keep_last + 1 at once
     keep = max(1, cfg.checkpoint.keep_last)
-    needed = max(1, keep + 1 - len(committed_checkpoints(run_dir)))
+    needed = min(ahead, max(1, keep + 1 - len(found)))
     if free < needed * size:
         return (f"the disk holding {run_dir} has room for {free // size} more checkpoint(s) of "
                 f"{format_bytes(size)} and this run needs {needed} (checkpoint.keep_last={keep}, one more while "

@@ -379,13 +379,13 @@ def train(cfg: Config) -> int:
             stopped = stopped_before_restart(run_dir, info.world_size)
             if stopped is not None:
                 return stopped
+            room_for_one_checkpoint(cfg, info)  # before the run dir is made: a refused run leaves nothing
             if info.is_rank0:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 if not restarted():
                     clear_markers(run_dir, errors=False)
             (run_dir / f"{ERROR_MARKER}.{info.rank}").unlink(missing_ok=True)  # this rank's own, from before
             distributed.barrier()
-            room_for_one_checkpoint(cfg, info)
             trainer = Trainer(cfg, info)
             trainer.resume()
             return trainer.run(stop)

@@ -383,15 +383,36 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(data_
         preflight(cfg, world_size=1)
     with pytest.raises(UserError, match=message):
         train(cfg)
-    assert latest_checkpoint(tmp_path / "run") is None and not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run dir was made
 
-    # room for two: a fresh run that keeps 3 holds 4 while it saves, and is warned
+    # room for two: a fresh run that saves often and keeps 3 holds 4 while it saves, and is warned
     monkeypatch.setattr(files, "free_bytes", lambda path: 2 * size)
-    warning = run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", "checkpoint.keep_last=3"))
+    often = ["train.steps=10", "checkpoint.interval=2"]
+    warning = run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", *often, "checkpoint.keep_last=3"))
     assert "has room for 2 more checkpoint(s)" in warning and "this run needs 4 (checkpoint.keep_last=3" in warning
-    assert run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", "checkpoint.keep_last=1")) is None
-    # a resumed run already holds its two: one more fits
-    assert run_checks.check_disk_space(tiny_config(data_dir, committed_run, "checkpoint.keep_last=2")) is None
+    assert run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", *often, "checkpoint.keep_last=1")) is None
+    # one that saves only at its end needs room for one
+    assert run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", "checkpoint.keep_last=3")) is None
+    # a resumed run already holds its step 2: keeping 2 needs one more and one while saving
+    assert run_checks.check_disk_space(tiny_config(data_dir, committed_run, *often, "checkpoint.keep_last=2")) is None
+    assert "this run needs 3" in run_checks.check_disk_space(tiny_config(data_dir, committed_run, *often,
+                                                                         "checkpoint.keep_last=3"))
+    # a run that is already done saves nothing: no room needed
+    monkeypatch.setattr(files, "free_bytes", lambda path: 0)
+    assert run_checks.check_disk_space(tiny_config(data_dir, committed_run, "train.steps=2")) is None
+
+
+def test_saves_ahead_counts_interval_saves_and_the_final_one():
+    from llama_dist.config import load_config
+    from llama_dist.run_checks import saves_ahead
+
+    def ahead(steps, interval, start):
+        return saves_ahead(load_config("tiny", [f"train.steps={steps}", f"checkpoint.interval={interval}"]), start)
+
+    assert ahead(10, 2, 0) == 5  # 2, 4, 6, 8, 10 (the last is the final one)
+    assert ahead(11, 2, 0) == 6  # 2, ..., 10, and 11 at the end
+    assert ahead(10, 2, 4) == 3 and ahead(10, 3, 4) == 3  # 6, 8, 10; 6, 9, 10
+    assert ahead(10, 0, 0) == 1 and ahead(10, 0, 10) == 0 and ahead(10, 20, 0) == 1
 
 
 def _train_with_no_room_on_rank_1(data_dir, run):
@@ -410,4 +431,4 @@ def test_a_disk_check_that_fails_on_one_rank_stops_every_rank(data_dir, tmp_path
     messages = run_ranks(_train_with_no_room_on_rank_1, 2, data_dir, tmp_path / "run")
     assert messages[1].startswith(f"the disk holding {tmp_path / 'run'} has 0.0 MB free")
     assert messages[0].startswith("another rank found no room for one checkpoint")  # rank 0 saw room, and stops
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ERROR.0", "ERROR.1"]  # for --nproc to report
