@@ -170,9 +170,9 @@ def matmul_peak(size: int, repeats: int = 8) -> tuple[float, float]:
     return 2 * size**3 / best_wall, 2 * size**3 / best_cpu
 
 
-def step_matmuls(args: ModelArgs, tokens: int) -> list[tuple[int, int, int]]:
-    """(in, out, count) of every weight matmul in one training step's forward: each
-    also runs twice in backward (input and weight gradients), all on `tokens` rows."""
+def step_matmuls(args: ModelArgs) -> list[tuple[int, int, int]]:
+    """(in, out, count) of every weight matmul in one training step's forward, on as many
+    rows as the step has tokens: each also runs twice in backward (input and weight gradients)."""
     q, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
     per_layer = [(args.dim, q, 1), (args.dim, kv, 2), (q, args.dim, 1),  # wq, wk+wv, wo
                  (args.dim, args.ffn_hidden_dim, 2), (args.ffn_hidden_dim, args.dim, 1)]  # w1+w3, w2
@@ -188,7 +188,7 @@ class KernelFloor:
     def __init__(self, args: ModelArgs, batch: int, seq_len: int):
         tokens = batch * seq_len
         self.gemms = []
-        for k, n, count in step_matmuls(args, tokens):
+        for k, n, count in step_matmuls(args):
             x, w, dy = torch.randn(tokens, k), torch.randn(n, k), torch.randn(tokens, n)
             self.gemms.append((count, [lambda x=x, w=w: x @ w.t(),  # forward
                                        lambda dy=dy, w=w: dy @ w,  # input gradient

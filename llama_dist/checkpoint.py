@@ -72,6 +72,15 @@ def committed_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def unfinished_saves(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, dir) of every step dir without its commit marker: saves that crashed or are under way."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted((int(match.group(1)), path) for path in root.iterdir()
+                  if (match := STEP_DIR.match(path.name)) and path.is_dir() and not is_committed(path))
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
     found = committed_checkpoints(run_dir)
     return found[-1][1] if found else None
@@ -248,9 +257,8 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: in
         doomed.append(path)
     if not found:
         return doomed
-    for path in sorted(checkpoints_dir(run_dir).iterdir()):
-        match = STEP_DIR.match(path.name)
-        if match and int(match.group(1)) < found[-1][0] and path.is_dir() and not is_committed(path):
+    for step, path in unfinished_saves(run_dir):
+        if step < found[-1][0]:
             _remove_step_dir(path)
             doomed.append(path)
     return doomed

@@ -26,7 +26,7 @@ import torch
 from llama_dist.checkpoint_files import CONFIG_FILE, PARAMS_FILE, TOKENIZER_FILE
 from llama_dist.distributed import get_logger
 from llama_dist.errors import UserError
-from llama_dist.files import require_room, staged_directory
+from llama_dist.files import staged_directory
 from llama_dist.meta_format import read_params
 from llama_dist.model_args import ModelArgs
 from llama_dist.reshard import parse_dtype, read_config_yaml
@@ -268,8 +268,7 @@ def export_hf(ckpt_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dty
 
     weights = inspect_model(ckpt).weights  # the shards' headers only
     needed = sum(math.prod(weights.full_shape(key)) * (cast or weights.dtypes[key]).itemsize for key in weights.shapes)
-    require_room(out_dir, needed, "the export", "free space there or choose another destination")
-    with staged_directory(out_dir, force, source=ckpt) as tmp:
+    with staged_directory(out_dir, force, source=ckpt, room=(needed, "the export")) as tmp:
         vocab_size, written = _write_weights(tmp, args, iter_merged_tensors(ckpt), dtype, max_shard_bytes)
         config = hf_config(args, vocab_size, written, max_positions, special)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -124,12 +124,18 @@ def format_bytes(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def require_room(path: str | os.PathLike, needed: int, what: str, fix: str) -> int:
+def require_room(path: str | os.PathLike, needed: int, what: str, fix: str, reclaimable: int = 0) -> int:
     """Refuse up front a write the disk holding `path` cannot take, which would otherwise fail
-    only at its end, after all the work; returns the free bytes."""
-    free = free_bytes(path)
+    only at its end, after all the work; returns the free bytes, counting `reclaimable` (what
+    the writer removes as it goes) as free."""
+    try:
+        free = free_bytes(path) + reclaimable
+    except OSError as err:
+        raise UserError(f"cannot read how much space the disk holding {path} has ({err.strerror or err}); "
+                        f"check that the directories above it can be read") from None
     if free < needed:
-        raise UserError(f"the disk holding {path} has {format_bytes(free)} free and {what} takes "
+        counted = f" (counting {format_bytes(reclaimable)} of unfinished saves, removed as it saves)" if reclaimable else ""
+        raise UserError(f"the disk holding {path} has {format_bytes(free)} free{counted} and {what} takes "
                         f"{format_bytes(needed)}; {fix}")
     return free
 
@@ -185,14 +191,15 @@ def check_destination(dst: str | os.PathLike, source: str | os.PathLike | None =
 
 
 @contextmanager
-def staged_directory(dst: str | os.PathLike, force: bool = False,
-                     source: str | os.PathLike | None = None) -> Iterator[Path]:
+def staged_directory(dst: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None,
+                     room: Optional[tuple[int, str]] = None) -> Iterator[Path]:
     """A fresh sibling of `dst` to write into, renamed to `dst` only if the block completes.
 
     A non-empty `dst` is refused unless `force`; then it is replaced only once the new
     directory is complete (two renames: for a moment neither name exists, and a failed
     second rename puts the old directory back). `source`, when given, is what the block
-    reads, which `dst` must not overlap.
+    reads, which `dst` must not overlap. `room`, (bytes, what they are), is refused up front where
+    the disk has less free: a replaced `dst` stays until the new one is complete.
     """
     given = dst
     dst = check_destination(dst, source)
@@ -200,6 +207,8 @@ def staged_directory(dst: str | os.PathLike, force: bool = False,
         raise UserError(f"{given} exists and is not a directory; choose another destination")
     if _non_empty(dst) and not force:
         raise UserError(f"{given} is not empty; choose another destination or pass --force to replace it")
+    if room is not None:
+        require_room(given, room[0], room[1], "free space there or choose another destination")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f"{dst.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir()

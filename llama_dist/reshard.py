@@ -37,7 +37,7 @@ from llama_dist.checkpoint_files import COMMIT_MARKER as COMMITTED
 from llama_dist.checkpoint_files import (CONFIG_FILE, MANIFEST, OPTIMIZER_FILE, TRAIN_STATE, BackgroundCheck,
                                          manifest_entries, optimizer_file, shard_file)
 from llama_dist.errors import UserError, load_error_reason
-from llama_dist.files import atomic_write_text, fsync_path, require_room, staged_directory
+from llama_dist.files import atomic_write_text, fsync_path, staged_directory
 from llama_dist.logs import get_logger
 from llama_dist.reshard_cli import DTYPE_NAMES, start_source_check
 from llama_dist.sharded_source import (MappedSources, ModelShards, PathLike, Sharded, check_replicated,
@@ -374,9 +374,7 @@ def _reshard(src: Path, dst: Path, mp: int, cast_to: Optional[DType], force: boo
         kinds.append((optimizer, optimizer_file, _shard_specs(optimizer, mp)))
     # every destination file of a kind holds the same shapes
     total = mp * sum(math.prod(shape) * dtype.itemsize for _, _, specs in kinds for shape, dtype in specs.values())
-    # a --force'd DST stays until the new one is complete, so the whole of it must fit beside
-    require_room(dst, total, f"the mp={mp} checkpoint", "free space there or choose another destination")
-    with staged_directory(dst, force, source=src) as tmp:
+    with staged_directory(dst, force, source=src, room=(total, f"the mp={mp} checkpoint")) as tmp:
         digests: dict[str, str] = {}
         progress = _Progress(total, show_progress)
         try:

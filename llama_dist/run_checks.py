@@ -5,13 +5,15 @@ copy, the compiler torch.compile needs, and the data as the ranks will open it."
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from llama_dist import distributed
-from llama_dist.checkpoint import check_compatible, check_init_weights, committed_checkpoints, latest_checkpoint
+from llama_dist.checkpoint import (check_compatible, check_init_weights, committed_checkpoints, latest_checkpoint,
+                                   unfinished_saves)
 from llama_dist.checkpoint_files import TOKENIZER_FILE, TRAIN_STATE
 from llama_dist.config import Config, validate
 from llama_dist.errors import UserError
@@ -59,34 +61,44 @@ def checkpoint_bytes(cfg: Config) -> int:
     return CHECKPOINT_BYTES_PER_PARAMETER * count_parameters(cfg.model) + (tokenizer.stat().st_size if tokenizer else 0)
 
 
-def saves_ahead(cfg: Config, start: int) -> int:
-    """How many checkpoints a run from step `start` saves if no signal stops it: one every
-    checkpoint.interval steps, and one at the end unless that step was one of them."""
-    steps, every = cfg.train.steps, cfg.checkpoint.interval
+def save_steps(cfg: Config, start: int) -> tuple[int, int]:
+    """How many checkpoints a run from step `start` saves if no signal stops it (one every
+    checkpoint.interval steps, and one at the end unless that step was one of them), and how
+    many of those checkpoint.keep_every keeps for good."""
+    steps, every, forever = cfg.train.steps, cfg.checkpoint.interval, cfg.checkpoint.keep_every
     if start >= steps:
-        return 0
-    at_intervals = steps // every - start // every if every else 0
-    return at_intervals + (0 if every and steps % every == 0 else 1)
+        return 0, 0
+
+    def multiples(n: int) -> int:  # of n in (start, steps]
+        return steps // n - start // n if n else 0
+
+    final = 0 if every and steps % every == 0 else 1
+    kept = (multiples(math.lcm(every, forever)) if every else 0) + (final if forever and steps % forever == 0 else 0)
+    return multiples(every) + final, kept if forever else 0
 
 
 def check_disk_space(cfg: Config) -> Optional[str]:
     """Refuse a run whose disk cannot hold one checkpoint: it would train until its first save and
-    lose that work. Returns a warning when the disk holds fewer than the run keeps while it saves."""
+    lose that work. Returns a warning when the disk holds fewer than the run will keep at once."""
     run_dir = Path(cfg.train.run_dir)
     found = committed_checkpoints(run_dir)
-    ahead = saves_ahead(cfg, found[-1][0] if found else 0)
+    ahead, kept_for_good = save_steps(cfg, found[-1][0] if found else 0)
     if not ahead:
         return None
     size = checkpoint_bytes(cfg)
+    leftovers = sum(f.stat().st_size for _, path in unfinished_saves(run_dir) for f in path.iterdir() if f.is_file())
     free = require_room(run_dir, size, "one checkpoint of this model (fp32 weights and AdamW state)",
-                        "the first save would fail: free space there or set train.run_dir to a larger disk")
-    # a save writes the new checkpoint before it prunes the oldest: keep_last + 1 at once
+                        "the first save would fail: free space there or set train.run_dir to a larger disk",
+                        reclaimable=leftovers)
+    # a save writes the new checkpoint before it prunes the oldest: keep_last + 1 at once, and
+    # the multiples of keep_every stay
     keep = max(1, cfg.checkpoint.keep_last)
-    needed = min(ahead, max(1, keep + 1 - len(found)))
+    needed = min(ahead, max(1, keep + 1 - len(found)) + kept_for_good)
     if free < needed * size:
+        every = f", checkpoint.keep_every={cfg.checkpoint.keep_every} keeps {kept_for_good}" if kept_for_good else ""
         return (f"the disk holding {run_dir} has room for {free // size} more checkpoint(s) of "
                 f"{format_bytes(size)} and this run needs {needed} (checkpoint.keep_last={keep}, one more while "
-                f"a save runs): a later save will fail and stop the run unless space is freed")
+                f"a save runs{every}): a later save will fail and stop the run unless space is freed")
     return None
 
 

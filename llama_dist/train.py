@@ -402,12 +402,11 @@ def room_for_one_checkpoint(cfg: Config, info: DistInfo) -> None:
     refusal, warning = None, None
     try:
         warning = check_disk_space(cfg)
-    except UserError as err:
+    except Exception as err:  # whatever it is: raised here alone, it would leave the others waiting
         refusal = err
     if distributed.any_rank(refusal is not None, info.device):
-        raise refusal or UserError(f"another rank found no room for one checkpoint on the disk holding "
-                                   f"{cfg.train.run_dir} (its error says how much it needs); free space there "
-                                   f"or set train.run_dir to a larger disk")
+        raise refusal or UserError(f"another rank could not confirm room for one checkpoint on the disk holding "
+                                   f"{cfg.train.run_dir}; its error says why")
     if warning and info.is_rank0:
         log.warning(warning)
 

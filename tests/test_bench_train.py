@@ -33,7 +33,7 @@ def test_floor_times_every_weight_matmul_of_the_model(kv_heads):
                       if p.ndim == 2 and not name.startswith("tok_embeddings"))
     bench = load_bench()
     timed = Counter()
-    for k, n, count in bench.step_matmuls(args, tokens=8):
+    for k, n, count in bench.step_matmuls(args):
         timed[(k, n)] += count
     assert timed == weights and len(weights) == (5 if kv_heads == 2 else 4)
 
@@ -49,6 +49,11 @@ def test_floor_runs_a_steps_worth_of_kernels():
     # a weight matmul's forward, input gradient and weight gradient, in the step's shapes
     assert calls[(32, args.vocab_size)] == 1 and calls[(args.vocab_size, args.dim)] == 1
     assert calls[(32, args.ffn_hidden_dim)] == 2 * args.n_layers + args.n_layers  # w1, w3 out; w2's input grad
-    wall, cpu = floor.run([None, None])
-    assert wall > 0 and cpu > 0
-    assert floor.qkv[0].grad is not None and torch.isfinite(floor.qkv[0].grad).all()
+    attention_calls = []
+    floor.attention = lambda: attention_calls.append(1)
+    wall, cpu = floor.run([None, None])  # two steps' worth
+    assert wall > 0 and cpu > 0 and len(attention_calls) == 2 * args.n_layers
+    del floor.attention  # the real one: causal attention over every query head, forward and backward
+    floor.attention()
+    assert floor.qkv[0].shape == (2, args.n_heads, 16, args.head_dim)
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in floor.qkv)

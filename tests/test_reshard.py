@@ -418,6 +418,10 @@ def test_a_disk_without_room_for_the_new_checkpoint_is_refused_before_it_writes(
                          str(refused.value))
     assert match, refused.value
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mp1"]  # nothing staged
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not empty; choose another destination or pass --force"):
+        reshard(src, tmp_path / "full", 2)  # what is wrong with DST itself is said first
     monkeypatch.undo()
     reshard(src, tmp_path / "out", 2)
     written = sum(p.stat().st_size for p in (tmp_path / "out").iterdir() if p.suffix in (".pth", ".pt"))

@@ -9,6 +9,7 @@ import torch
 from llama_dist import distributed
 from llama_dist.checkpoint import committed_checkpoints, latest_checkpoint
 from llama_dist.config import load_config
+from llama_dist.run_checks import checkpoint_bytes
 from llama_dist.train import EXIT_DIVERGED, Trainer, train
 from multiproc import run_ranks
 
@@ -106,6 +107,9 @@ def test_loss_falls_and_mp2_checkpoint_is_metas_layout(data_dir, tmp_path):
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt.name == "step-000040"
     assert sorted(p.name for p in ckpt.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    # the disk check's estimate: under the real size (each rank repeats the norms), never over it
+    estimate = checkpoint_bytes(tiny_config(data_dir, tmp_path / "run", "parallel.mp=2"))
+    assert 0.9 * sum(p.stat().st_size for p in ckpt.iterdir()) < estimate < sum(p.stat().st_size for p in ckpt.iterdir())
     params = json.loads((ckpt / "params.json").read_text())
     assert params == {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": VOCAB,
                       "multiple_of": 16, "norm_eps": 1e-5}

@@ -390,6 +390,10 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(data_
     often = ["train.steps=10", "checkpoint.interval=2"]
     warning = run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", *often, "checkpoint.keep_last=3"))
     assert "has room for 2 more checkpoint(s)" in warning and "this run needs 4 (checkpoint.keep_last=3" in warning
+    warning = run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", *often, "checkpoint.keep_last=1",
+                                                      "checkpoint.keep_every=4"))  # 4 and 8 stay, beside 2
+    assert "this run needs 4 (checkpoint.keep_last=1, one more while a save runs, checkpoint.keep_every=4 keeps 2)" \
+        in warning
     assert run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", *often, "checkpoint.keep_last=1")) is None
     # one that saves only at its end needs room for one
     assert run_checks.check_disk_space(tiny_config(data_dir, tmp_path / "run", "checkpoint.keep_last=3")) is None
@@ -402,33 +406,66 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(data_
     assert run_checks.check_disk_space(tiny_config(data_dir, committed_run, "train.steps=2")) is None
 
 
-def test_saves_ahead_counts_interval_saves_and_the_final_one():
+def test_save_steps_counts_interval_saves_the_final_one_and_those_kept_for_good():
     from llama_dist.config import load_config
-    from llama_dist.run_checks import saves_ahead
+    from llama_dist.run_checks import save_steps
 
-    def ahead(steps, interval, start):
-        return saves_ahead(load_config("tiny", [f"train.steps={steps}", f"checkpoint.interval={interval}"]), start)
+    def saves(steps, interval, start, keep_every=0):
+        return save_steps(load_config("tiny", [f"train.steps={steps}", f"checkpoint.interval={interval}",
+                                               f"checkpoint.keep_every={keep_every}"]), start)
 
-    assert ahead(10, 2, 0) == 5  # 2, 4, 6, 8, 10 (the last is the final one)
-    assert ahead(11, 2, 0) == 6  # 2, ..., 10, and 11 at the end
-    assert ahead(10, 2, 4) == 3 and ahead(10, 3, 4) == 3  # 6, 8, 10; 6, 9, 10
-    assert ahead(10, 0, 0) == 1 and ahead(10, 0, 10) == 0 and ahead(10, 20, 0) == 1
+    assert saves(10, 2, 0) == (5, 0)  # 2, 4, 6, 8, 10 (the last is the final one)
+    assert saves(11, 2, 0) == (6, 0)  # 2, ..., 10, and 11 at the end
+    assert saves(10, 2, 4) == (3, 0) and saves(10, 3, 4) == (3, 0)  # 6, 8, 10; 6, 9, 10
+    assert saves(10, 0, 0) == (1, 0) and saves(10, 0, 10) == (0, 0) and saves(10, 20, 0) == (1, 0)
+    assert saves(10, 2, 0, keep_every=4) == (5, 2)  # 4 and 8 stay
+    assert saves(11, 2, 0, keep_every=11) == (6, 1)  # the final save, at 11
+    assert saves(12, 0, 0, keep_every=5) == (1, 0) and saves(10, 3, 2, keep_every=5) == (4, 1)  # 3, 6, 9, 10
 
 
-def _train_with_no_room_on_rank_1(data_dir, run):
+def _train_with_a_disk_check_failing_on_rank_1(data_dir, run, fault):
     from llama_dist import files
 
+    def fail(path):
+        if fault == "no room":
+            return 0
+        raise {"unreadable": PermissionError(13, "Permission denied"), "a bug": RuntimeError("boom")}[fault]
+
     if int(os.environ["RANK"]) == 1:
-        files.free_bytes = lambda path: 0  # this spawned rank's own process
+        files.free_bytes = fail  # this spawned rank's own process
     try:
         train(tiny_config(data_dir, run, "train.steps=2"))
-    except UserError as err:
-        return str(err)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
     return None
 
 
-def test_a_disk_check_that_fails_on_one_rank_stops_every_rank(data_dir, tmp_path):
-    messages = run_ranks(_train_with_no_room_on_rank_1, 2, data_dir, tmp_path / "run")
-    assert messages[1].startswith(f"the disk holding {tmp_path / 'run'} has 0.0 MB free")
-    assert messages[0].startswith("another rank found no room for one checkpoint")  # rank 0 saw room, and stops
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ERROR.0", "ERROR.1"]  # for --nproc to report
+@pytest.mark.parametrize("fault, message", [
+    ("no room", "UserError: the disk holding {run} has 0.0 MB free"),
+    ("unreadable", "UserError: cannot read how much space the disk holding {run} has (Permission denied)"),
+    ("a bug", "RuntimeError: boom"),
+])
+def test_a_disk_check_that_fails_on_one_rank_stops_every_rank(data_dir, tmp_path, fault, message):
+    run = tmp_path / "run"
+    messages = run_ranks(_train_with_a_disk_check_failing_on_rank_1, 2, data_dir, run, fault)
+    assert messages[1].startswith(message.format(run=run))
+    # rank 0 saw room, and stops too rather than wait for rank 1 in the first collective
+    assert messages[0] == f"UserError: another rank could not confirm room for one checkpoint on the disk holding {run}; its error says why"
+    assert not (run / "checkpoints").exists()
+
+
+def test_an_unfinished_save_counts_as_room(data_dir, committed_run, tmp_path, monkeypatch):
+    """A save killed midway left step 4 half-written: the next save removes it, so its bytes are room."""
+    from llama_dist import files, run_checks
+
+    run = _copy(committed_run, tmp_path)
+    leftover = run / "checkpoints" / "step-000004"
+    leftover.mkdir()
+    (leftover / "consolidated.00.pth.tmp").write_bytes(b"\0" * 1_000_000)
+    cfg = tiny_config(data_dir, run, "train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=1")
+    size = run_checks.checkpoint_bytes(cfg)
+    monkeypatch.setattr(files, "free_bytes", lambda path: size - 500_000)
+    assert run_checks.check_disk_space(cfg) is None
+    monkeypatch.setattr(files, "free_bytes", lambda path: size - 1_000_001)
+    with pytest.raises(UserError, match=r"free \(counting 1\.0 MB of unfinished saves, removed as it saves\) and one"):
+        run_checks.check_disk_space(cfg)
