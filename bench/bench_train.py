@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  floor/hf ratio {median(bounds):.3f}: the most any model calling these matmul and "
                   f"attention kernels can reach (per round: {', '.join(f'{r:.2f}' for r in bounds)})")
             shares = [o / f for (o, _), (f, _) in zip(samples[clock]["ours"], samples[clock]["floor"])]
-            print(f"  ours/floor {median(shares):.3f}: the share of the step ours spends in those kernels")
+            print(f"  ours/floor tokens/s {median(shares):.3f}: how close ours comes to those kernels alone")
     shutdown()
 
 
