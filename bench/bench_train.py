@@ -22,9 +22,9 @@ Issue 4's goal: ratio >= 1.25 and our MFU >= 80%.
 
 A third timed run per round, the kernel floor, runs only the step's weight matmuls
 (forward, input and weight gradients, in the step's shapes and layouts) and its causal
-attention forward and backward, as often as a step runs them. No implementation that
-calls these kernels can be faster than that, so floor/hf tokens/s is the highest
-ours/hf ratio on reach, measured in the same run; `--no-floor` leaves it out.
+attention forward and backward, as often as a step runs them. A step that calls these
+kernels in these shapes takes at least that long, so floor/hf tokens/s bounds the ours/hf
+ratio such a model can reach, measured in the same run; `--no-floor` leaves it out.
 
 --compile model is what train.compile does (minutes to compile 12 blocks on 2 cores);
 --compile blocks compiles each block (one graph shared by all 12). --what-if patches
