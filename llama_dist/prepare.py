@@ -17,6 +17,10 @@ Replacing a finished directory (--overwrite) leaves its manifest, shards and
 tokenizer copy in place until the new run is complete: shard names carry the
 run's key, so the two runs never share a file, and the old shards are removed
 only once the new manifest has been written.
+
+Disk: once 64 MiB of text is encoded, the shards still to come are projected from
+it, and a disk that will not hold them is warned of then, not found out hours later.
+A disk that fills stops the run in one line, keeping the finished shards for a rerun.
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from llama_dist import shards
-from llama_dist.files import atomic_copy_file, atomic_write_json, is_disk_full, sha256_file
+from llama_dist.files import atomic_copy_file, atomic_write_json, format_bytes, free_bytes, is_disk_full, sha256_file
 from llama_dist.errors import UserError
 from llama_dist.sources import Corpus, parse_size
 from llama_dist.tokenizer import TOKENIZER_FILE, Tokenizer, make_out_dir
 
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB as uint16
 BATCH_CHARS = 1 << 18  # text per worker task: big enough to hide pickling, small enough to balance
+PROJECT_AFTER_BYTES = 64 << 20  # text encoded before the shards' size is projected from it
 PROGRESS_FILE = shards.PROGRESS_FILE
 SPLITS = shards.SPLITS
 
@@ -83,6 +88,33 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- writing (main process)
+
+
+class SpaceWatch:
+    """Warns once, early, when the shards still to write will not fit on the disk: the run would
+    otherwise find out when the disk fills, hours in. The projection scales the bytes written per
+    byte of text so far (this run's, after documents a resumed run reads past) to the text left."""
+
+    def __init__(self, out: Path, total_bytes: Optional[int], itemsize: int):
+        self.out, self.total, self.itemsize = out, total_bytes, itemsize
+        self.skipped: Optional[int] = None  # text read before this run's first encoded document
+        self.warned = total_bytes is None  # gzip without --max-bytes: no total to project to
+
+    def started(self, read_bytes: int) -> None:
+        if self.skipped is None:
+            self.skipped = read_bytes
+
+    def check(self, read_bytes: int, tokens: int) -> None:
+        if self.warned or self.skipped is None or read_bytes - self.skipped < PROJECT_AFTER_BYTES:
+            return
+        still = tokens * self.itemsize * max(0, self.total - read_bytes) / (read_bytes - self.skipped)
+        free = free_bytes(self.out)
+        if still > free:
+            print(f"warning: at the rate so far the shards still to write need about {format_bytes(still)} and "
+                  f"the disk holding {self.out} has {format_bytes(free)} free; free space while it runs, or it "
+                  f"stops when the disk fills (the same command then continues from the last finished shard)",
+                  flush=True)
+        self.warned = True  # once, whatever it found: the figure only firms up what it said
 
 
 class ShardSink:
@@ -137,7 +169,8 @@ class ShardSink:
         self.writers.clear()
 
 
-def _stream(corpus: Corpus, sink: ShardSink, workers: int, tokenizer_path: str, bar: Any) -> None:
+def _stream(corpus: Corpus, sink: ShardSink, workers: int, tokenizer_path: str, bar: Any,
+            watch: Optional[SpaceWatch] = None) -> None:
     """Read, encode (in a pool when workers > 1) and hand results to the sink, in order."""
     pending: deque = deque()  # (result getter, corpus bytes read once that batch was complete)
 
@@ -145,6 +178,8 @@ def _stream(corpus: Corpus, sink: ShardSink, workers: int, tokenizer_path: str, 
         while len(pending) > limit:
             get, read_bytes = pending.popleft()
             sink.add(*get())
+            if watch is not None:
+                watch.check(read_bytes, sum(sink.tokens.values()))
             bar.update(read_bytes - bar.n)
             bar.set_postfix(docs=f"{sink.doc_index:,}", tokens=f"{sum(sink.tokens.values()):,}", refresh=False)
 
@@ -155,6 +190,8 @@ def _stream(corpus: Corpus, sink: ShardSink, workers: int, tokenizer_path: str, 
         for index, doc in enumerate(corpus.documents()):
             if index < done:
                 continue
+            if watch is not None and watch.skipped is None:
+                watch.started(corpus.stats.bytes)  # this document's bytes too: one in 64 MiB of them
             batch.append(doc)
             chars += len(doc)
             if chars >= BATCH_CHARS:
@@ -357,7 +394,8 @@ def prepare(
     bar = tqdm(total=corpus.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
                desc="prepare", disable=not progress)
     try:
-        _stream(corpus, sink, workers, str(tokenizer_file), bar)
+        watch = SpaceWatch(out, corpus.total_bytes(), dtype.itemsize)
+        _stream(corpus, sink, workers, str(tokenizer_file), bar, watch)
         sink.close_all()
     except BaseException as err:
         sink.abort()  # finished shards and the progress file stay for the next run

@@ -445,3 +445,23 @@ def test_a_shard_whose_close_finds_no_space_leaves_no_temporary_file(tmp_path, m
     with pytest.raises(OSError, match="No space left"):
         writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_that_will_not_fit_are_warned_of_early_and_the_run_goes_on(tmp_path, tok_path, monkeypatch, capsys):
+    import re
+
+    run(["stdlib"], tok_path, tmp_path / "roomy", max_bytes=1_500_000)  # the disk has room: no warning
+    assert "warning" not in capsys.readouterr().out
+    written = sum(entry["tokens"] * 2 for entry in json.loads((tmp_path / "roomy" / shards.MANIFEST).read_text())["shards"])
+
+    monkeypatch.setattr(prepare_mod, "PROJECT_AFTER_BYTES", 300_000)  # a fifth of the text
+    monkeypatch.setattr(prepare_mod, "free_bytes", lambda path: 100_000)
+    run(["stdlib"], tok_path, tmp_path / "out", max_bytes=1_500_000)
+    out = capsys.readouterr().out
+    assert out.count("warning") == 1, out  # once, early
+    still = re.search(rf"^warning: at the rate so far the shards still to write need about ([\d.]+) MB and the disk "
+                      rf"holding {re.escape(str(tmp_path / 'out'))} has 0\.1 MB free; free space while it runs", out)
+    assert still, out
+    # about the four fifths of the shards not yet written when it looked
+    assert 0.6 * written < float(still.group(1)) * 1e6 < 0.95 * written
+    assert (tmp_path / "out" / shards.MANIFEST).is_file()  # a warning, not a stop: the disk is the judge
