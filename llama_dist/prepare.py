@@ -18,8 +18,9 @@ tokenizer copy in place until the new run is complete: shard names carry the
 run's key, so the two runs never share a file, and the old shards are removed
 only once the new manifest has been written.
 
-Disk: once 64 MiB of text is encoded, the shards still to come are projected from
-it, and a disk that will not hold them is warned of then, not found out hours later.
+Disk: once 64 MiB of text (or a sixteenth of the corpus, if less) is encoded, the shards
+still to come are projected from it, and a disk that will not hold them is warned of
+then, not found out hours later.
 A disk that fills stops the run in one line, keeping the finished shards for a rerun.
 """
 
@@ -48,7 +49,9 @@ from llama_dist.tokenizer import TOKENIZER_FILE, Tokenizer, make_out_dir
 
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB as uint16
 BATCH_CHARS = 1 << 18  # text per worker task: big enough to hide pickling, small enough to balance
-PROJECT_AFTER_BYTES = 64 << 20  # text encoded before the shards' size is projected from it
+PROJECT_AFTER_BYTES = 64 << 20  # text encoded before the shards' size is projected from it,
+PROJECT_AFTER_SHARE = 1 / 16  # or this share of the corpus, if that comes first (a small disk fills early)
+PROJECT_AFTER_AT_LEAST = 1 << 20  # but never on less: the rate needs some text to settle
 PROGRESS_FILE = shards.PROGRESS_FILE
 SPLITS = shards.SPLITS
 
@@ -97,6 +100,7 @@ class SpaceWatch:
 
     def __init__(self, out: Path, total_bytes: Optional[int], itemsize: int):
         self.out, self.total, self.itemsize = out, total_bytes, itemsize
+        self.after = max(PROJECT_AFTER_AT_LEAST, min(PROJECT_AFTER_BYTES, int(PROJECT_AFTER_SHARE * (total_bytes or 0))))
         self.skipped: Optional[int] = None  # text read before this run's first encoded document
         self.warned = total_bytes is None  # gzip without --max-bytes: no total to project to
 
@@ -105,7 +109,7 @@ class SpaceWatch:
             self.skipped = read_bytes
 
     def check(self, read_bytes: int, tokens: int) -> None:
-        if self.warned or self.skipped is None or read_bytes - self.skipped < PROJECT_AFTER_BYTES:
+        if self.warned or self.skipped is None or read_bytes - self.skipped < self.after:
             return
         still = tokens * self.itemsize * max(0, self.total - read_bytes) / (read_bytes - self.skipped)
         free = free_bytes(self.out)

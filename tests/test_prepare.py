@@ -454,7 +454,7 @@ def test_shards_that_will_not_fit_are_warned_of_early_and_the_run_goes_on(tmp_pa
     assert "warning" not in capsys.readouterr().out
     written = sum(entry["tokens"] * 2 for entry in json.loads((tmp_path / "roomy" / shards.MANIFEST).read_text())["shards"])
 
-    monkeypatch.setattr(prepare_mod, "PROJECT_AFTER_BYTES", 300_000)  # a fifth of the text
+    monkeypatch.setattr(prepare_mod, "PROJECT_AFTER_AT_LEAST", 300_000)  # a fifth of the text
     monkeypatch.setattr(prepare_mod, "free_bytes", lambda path: 100_000)
     run(["stdlib"], tok_path, tmp_path / "out", max_bytes=1_500_000)
     out = capsys.readouterr().out
@@ -465,3 +465,13 @@ def test_shards_that_will_not_fit_are_warned_of_early_and_the_run_goes_on(tmp_pa
     # about the four fifths of the shards not yet written when it looked
     assert 0.6 * written < float(still.group(1)) * 1e6 < 0.95 * written
     assert (tmp_path / "out" / shards.MANIFEST).is_file()  # a warning, not a stop: the disk is the judge
+
+
+def test_the_projection_comes_after_64_mib_or_a_sixteenth_of_the_corpus(tmp_path):
+    def after(total):
+        return prepare_mod.SpaceWatch(tmp_path, total, 2).after
+
+    assert after(10**12) == 64 << 20  # a large corpus: 64 MiB is a steady rate
+    assert after(120_000_000) == 7_500_000  # a small disk can fill before 64 MiB of it
+    assert after(4_000_000) == 1 << 20  # never on less than 1 MiB
+    assert prepare_mod.SpaceWatch(tmp_path, None, 2).warned  # gzip without --max-bytes: no total to project to
