@@ -14,7 +14,7 @@ import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from fairscale.nn.model_parallel.layers import (
 from llama_dist.logs import get_logger  # noqa: F401 - the rank-0 logger, for callers that import it from here
 
 from llama_dist.config import ConfigError, ParallelConfig
+from llama_dist.errors import UserError
 
 PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, ParallelEmbedding, VocabParallelEmbedding)
 
@@ -232,3 +233,24 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device or current().device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+class AnotherRankFailed(UserError):
+    """This rank was fine and stops because another failed: that rank's error is the one to read."""
+
+
+T = TypeVar("T")
+
+
+def on_every_rank(action: Callable[[], T], what: str, device: Optional[torch.device] = None) -> T:
+    """`action` on every rank with one outcome. A rank that failed alone would leave the others
+    in their next collective (under NCCL, until its timeout); here every rank stops, the failed
+    ones with their own error and the others with AnotherRankFailed."""
+    result, failure = None, None
+    try:
+        result = action()
+    except Exception as err:  # whatever it is: raised here alone, it would leave the others waiting
+        failure = err
+    if any_rank(failure is not None, device):
+        raise failure or AnotherRankFailed(f"another rank could not {what}; its error says why")
+    return result

@@ -1,7 +1,8 @@
 """Start N local ranks with torchrun when a command is asked for more than one process.
 
 `llama-dist train CONFIG --nproc 2` and `llama-dist generate CKPT` (on an mp=2
-checkpoint) re-run their own module under `torch.distributed.run --standalone`,
+checkpoint) re-run their own module under `torch.distributed.run --standalone`
+(through quiet_torchrun, `python -m llama_dist.launcher`),
 so a workstation user never has to type torchrun; under torchrun (WORLD_SIZE
 set) or for one process nothing is relaunched.
 """
@@ -19,8 +20,31 @@ def under_torchrun() -> bool:
 
 
 def torchrun_command(module: str, argv: list[str], nproc: int, max_restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    return [sys.executable, "-m", "llama_dist.launcher", "--standalone", f"--nproc_per_node={nproc}",
             f"--max-restarts={max_restarts}", "-m", module, *argv]
+
+
+def quiet_torchrun(argv: list[str]) -> int:
+    """torchrun (`torch.distributed.run`) without the tracebacks it ends with when it is signalled
+    or a rank fails: some 30 lines after every Ctrl-C, preemption or expected mistake, where the
+    ranks have already said what happened (a saved step, their own error or traceback) and the
+    command's last line says the rest. One line says how torchrun ended instead; its exit code
+    stays 1, as torchrun's."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except SignalException as err:
+        print(f"torchrun: stopped its ranks on {signal.Signals(err.sigval).name}", file=sys.stderr, flush=True)
+        return 1
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"torchrun: rank {rank} ended with {how} (its output is above)", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 SHUTDOWN_TIMEOUT_S = 600  # how long torchrun lets its ranks finish a step and save after SIGTERM
@@ -80,3 +104,7 @@ def relaunch(module: str, argv: list[str], nproc: int, max_restarts: int = 0) ->
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(quiet_torchrun(sys.argv[1:]))

@@ -171,7 +171,9 @@ class Trainer:
             return
         if init_from:
             log.info("checkpoint.init_from is for a run's first start; this one resumes from its own checkpoints")
-        state = load_checkpoint(ckpt, self.model, self.optimizer, self.cfg, self.info)
+        # each rank checks its own files: one with a corrupt shard must not leave the others training
+        state = distributed.on_every_rank(lambda: load_checkpoint(ckpt, self.model, self.optimizer, self.cfg, self.info),
+                                          f"load its part of {ckpt}", self.device)
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -390,23 +392,17 @@ def train(cfg: Config) -> int:
             trainer.resume()
             return trainer.run(stop)
         except UserError as err:
-            leave_rank_error(cfg.train.run_dir, info.rank, info.world_size, err)
+            if not isinstance(err, distributed.AnotherRankFailed):  # the failed rank's marker is the one to report
+                leave_rank_error(cfg.train.run_dir, info.rank, info.world_size, err)
             raise
         finally:
             distributed.shutdown()
 
 
 def room_for_one_checkpoint(cfg: Config, info: DistInfo) -> None:
-    """check_disk_space on every rank, with one outcome: the free space each sees may differ by a
-    few bytes, and a rank that refused alone would leave the others waiting for it."""
-    refusal, warning = None, None
-    try:
-        warning = check_disk_space(cfg)
-    except Exception as err:  # whatever it is: raised here alone, it would leave the others waiting
-        refusal = err
-    if distributed.any_rank(refusal is not None, info.device):
-        raise refusal or UserError(f"another rank could not confirm room for one checkpoint on the disk holding "
-                                   f"{cfg.train.run_dir}; its error says why")
+    """check_disk_space with one outcome on every rank: the free space each sees may differ."""
+    warning = distributed.on_every_rank(lambda: check_disk_space(cfg), f"confirm room for one checkpoint on "
+                                        f"the disk holding {cfg.train.run_dir}", info.device)
     if warning and info.is_rank0:
         log.warning(warning)
 

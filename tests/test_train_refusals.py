@@ -14,7 +14,7 @@ from llama_dist import distributed
 from llama_dist.checkpoint import latest_checkpoint
 from llama_dist.checkpoint_files import shard_file, verify_manifest
 from llama_dist.errors import UserError
-from llama_dist.train import train
+from llama_dist.train import rank_error, train
 from multiproc import run_ranks
 from test_train import tiny_config
 
@@ -88,6 +88,26 @@ def test_a_flipped_byte_in_the_weights_fails_the_sha256_check(data_dir, committe
     message = str(err.value)
     assert "\n" not in message
     assert "sha256" in message and weights.name in message
+    assert latest_checkpoint(run).name == "step-000002"
+
+
+def _train_mp2_for_two_steps(data_dir, run):
+    return train(tiny_config(data_dir, run, "parallel.mp=2", "train.steps=2", "checkpoint.interval=2"))
+
+
+def test_a_corrupt_shard_of_one_rank_stops_every_rank_before_it_trains(data_dir, tmp_path):
+    """At mp=2 only rank 1 reads consolidated.01.pth: rank 0 must not go on to train and die (or
+    under NCCL, wait) in its first collective with a rank that has stopped."""
+    run = tmp_path / "run"
+    assert run_ranks(_train_mp2_for_two_steps, 2, data_dir, run) == [0, 0]
+    shard = latest_checkpoint(run) / shard_file(1)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    messages = run_ranks(_resume_error, 2, data_dir, run, ["parallel.mp=2"])
+    assert "sha256" in messages[1] and shard.name in messages[1]
+    assert messages[0] == f"another rank could not load its part of {latest_checkpoint(run)}; its error says why"
+    assert sorted(p.name for p in run.glob("ERROR.*")) == ["ERROR.1"]
     assert latest_checkpoint(run).name == "step-000002"
 
 
@@ -450,8 +470,13 @@ def test_a_disk_check_that_fails_on_one_rank_stops_every_rank(data_dir, tmp_path
     messages = run_ranks(_train_with_a_disk_check_failing_on_rank_1, 2, data_dir, run, fault)
     assert messages[1].startswith(message.format(run=run))
     # rank 0 saw room, and stops too rather than wait for rank 1 in the first collective
-    assert messages[0] == f"UserError: another rank could not confirm room for one checkpoint on the disk holding {run}; its error says why"
+    assert messages[0] == (f"AnotherRankFailed: another rank could not confirm room for one checkpoint on the disk "
+                           f"holding {run}; its error says why")
     assert not (run / "checkpoints").exists()
+    # --nproc and the sbatch report the failed rank's line, not rank 0's pointer to it
+    assert sorted(p.name for p in run.glob("ERROR.*")) == ([] if fault == "a bug" else ["ERROR.1"])
+    if fault != "a bug":
+        assert rank_error(run) == messages[1].removeprefix("UserError: ")
 
 
 def test_an_unfinished_save_counts_as_room(data_dir, committed_run, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ checkpoint is being written leaves the previous checkpoint as the one resumed fr
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def test_sigusr1_to_the_launcher_reaches_both_torchrun_ranks(data_dir, tmp_path)
     assert output.strip().splitlines()[-1] == (f"llama-dist train: stopped by a signal after saving step {saved}; "
                                                f"the same command resumes there")
     assert sorted(p.name for p in ckpt.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    assert "Traceback" not in output and "torchrun: stopped its ranks on SIGTERM" in output  # not torchrun's 30 lines
 
 
 def test_ctrl_c_in_a_terminal_saves_and_exits_with_the_preempted_code(data_dir, tmp_path):
@@ -237,6 +239,8 @@ def test_divergence_under_torchrun_exits_3_and_says_why(data_dir, tmp_path):
     assert "stopping: 2 consecutive non-finite steps (train.max_bad_steps=2)" in output
     assert "the latest good checkpoint is" in output and "step-000002" in output
     assert json.loads((run / DIVERGED_MARKER).read_text())["step"] == 4
+    assert "Traceback" not in output and re.search(r"torchrun: rank [01] ended with exit code 3 \(its output is above\)",
+                                                  output)
     assert [step for step, _ in committed_checkpoints(run)] == [2]
     assert diverged.stderr.strip().splitlines()[-1].startswith("llama-dist train: stopped at step 4 after "
                                                                "train.max_bad_steps non-finite steps")
@@ -267,6 +271,7 @@ def test_a_mistake_met_inside_the_ranks_ends_in_one_line_and_exit_2(data_dir, tm
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("llama-dist train: error: ") and "sha256" in last and shard.name in last, last
     output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
     said = [line for line in output.splitlines() if "a mistake a restart cannot mend" in line]
     assert len([line for line in said if not line.startswith("[rank")]) == restarts, output  # rank 0's, once a restart
 
