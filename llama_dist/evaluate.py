@@ -117,6 +117,9 @@ def _run_config(ckpt_dir: str) -> dict:
 
 def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:  # 0 used to mean the default, silently
+            raise UserError(f"{flag} must be 1 or more, got {value}; leave it out for the checkpoint's run's own")
     n_shards = len(meta_format.shard_paths(args.ckpt))
     if not Path(args.data).is_dir():
         raise UserError(f"data directory {args.data} does not exist; run `llama-dist prepare` first")

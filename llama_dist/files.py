@@ -207,6 +207,9 @@ def staged_directory(dst: str | os.PathLike, force: bool = False, source: str | 
         raise UserError(f"{given} exists and is not a directory; choose another destination")
     if _non_empty(dst) and not force:
         raise UserError(f"{given} is not empty; choose another destination or pass --force to replace it")
+    blocking = next((p for p in dst.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{given} lies under {blocking}, which is a file, not a directory; choose another destination")
     if room is not None:
         require_room(given, room[0], room[1], "free space there or choose another destination")
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -324,6 +324,11 @@ def _parser() -> argparse.ArgumentParser:
 def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     check_sampling(args.temperature, args.top_p)  # before N ranks load the model
+    if args.max_gen_len < 0:
+        raise UserError(f"--max-gen-len must be 0 or more, got {args.max_gen_len}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise UserError(f"--max-seq-len must be 1 or more, got {args.max_seq_len}; leave it out for the "
+                        f"longest prompt plus --max-gen-len")
     n_shards = len(meta_format.shard_paths(args.ckpt))
     if n_shards > 1 and not under_torchrun():
         print(f"{args.ckpt} has {n_shards} model-parallel shards: starting {n_shards} ranks", file=sys.stderr)

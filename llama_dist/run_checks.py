@@ -19,6 +19,7 @@ from llama_dist.config import Config, validate
 from llama_dist.errors import UserError
 from llama_dist.files import format_bytes, require_room
 from llama_dist.model import count_parameters
+from llama_dist.shards import read_manifest
 
 # what a checkpoint stores per parameter: the fp32 weight and AdamW's two fp32 moments
 CHECKPOINT_BYTES_PER_PARAMETER = 12
@@ -34,6 +35,8 @@ def checkpoint_tokenizer(cfg: Config) -> Optional[Path]:
             raise UserError(f"data.tokenizer={cfg.data.tokenizer} is not a file; fix the path, or leave it "
                             f"empty for {Path(cfg.data.dir) / TOKENIZER_FILE}")
         return path
+    if not Path(cfg.data.dir).is_dir():  # said before any warning of a missing tokenizer in it
+        read_manifest(cfg.data.dir)
     path = Path(cfg.data.dir) / TOKENIZER_FILE
     return path if path.is_file() else None
 

@@ -201,6 +201,9 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
     hint = f"run `llama-dist prepare --input SRC --tokenizer PATH --out {data_dir}`"
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"data directory {data_dir} is a file, not a directory; give the directory "
+                        f"`llama-dist prepare` wrote, or {hint}")
     if not data_dir.is_dir():
         raise UserError(f"data directory {data_dir} does not exist; {hint}")
     if not path.is_file():

@@ -180,3 +180,10 @@ def test_cli_eval_matches_the_loss_by_hand_at_mp1_and_mp2(tmp_path, data_dir, ca
     assert "starting 2 ranks" in run.stderr and "mp 2" in run.stderr
     assert run.stdout.count("val loss") == 1  # rank 0 only
     assert _printed_loss(run.stdout) == pytest.approx(loss1, abs=2e-4)
+
+
+@pytest.mark.parametrize("flag", ["--seq-len", "--batch-size"])
+def test_cli_eval_zero_lengths_are_refused_not_taken_for_the_default(tmp_path, capsys, flag):
+    assert cli_main(["eval", str(tmp_path), "--data", str(tmp_path), flag, "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} must be 1 or more, got 0" in err, err

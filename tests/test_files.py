@@ -102,3 +102,12 @@ def test_a_failed_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch
             (tmp / "new.txt").write_text("new")
     assert calls[0][0] == "dst" and calls[1][1] == "dst" and len(calls) == 3  # aside, in (failed), back
     assert contents(tmp_path) == {"dst/file.txt": "old"}
+
+
+def test_a_destination_under_a_file_is_one_line_and_leaves_the_file(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(UserError, match=r"/afile/sub/deeper lies under .*/afile, which is a file, not a directory; "
+                                        r"choose another destination$"):
+        with staged_directory(tmp_path / "afile" / "sub" / "deeper"):
+            pytest.fail("entered the block")
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -373,3 +373,13 @@ def test_cli_generate_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert cli_main(["generate", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-gen-len", "-1"], "--max-gen-len must be 0 or more, got -1"),  # was blamed on max_seq_len=2
+    (["--max-seq-len", "0"], "--max-seq-len must be 1 or more, got 0"),
+])
+def test_cli_generate_bad_lengths_are_one_line(ckpt1, capsys, flags, message):
+    assert cli_main(["generate", str(ckpt1), "--prompt", PROMPTS[0], *flags, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

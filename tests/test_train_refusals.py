@@ -13,10 +13,11 @@ import torch
 from llama_dist import distributed
 from llama_dist.checkpoint import latest_checkpoint
 from llama_dist.checkpoint_files import shard_file, verify_manifest
+from llama_dist.config import load_config
 from llama_dist.errors import UserError
 from llama_dist.train import rank_error, train
 from multiproc import run_ranks
-from test_train import tiny_config
+from test_train import TINY, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,16 @@ def test_a_tokenizer_path_that_is_not_there_stops_the_run_before_it_trains(data_
     with pytest.raises(UserError, match=r"data.tokenizer=\S+missing.model is not a file; fix the path"):
         train(tiny_config(data_dir, run, "train.steps=2", f"data.tokenizer={tmp_path / 'missing.model'}"))
     assert latest_checkpoint(run) is None
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such_first_and_leaves_no_run_dir(data_dir, tmp_path, caplog):
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    cfg = load_config("tiny", [*TINY, f"data.dir={tmp_path / 'notes.txt'}", f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match=r"notes\.txt is a file, not a directory; give the directory `llama-dist "
+                                        r"prepare` wrote"):
+        train(cfg)
+    assert "tokenizer.model is missing" not in caplog.text  # no advice about a tokenizer in a file
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_false_refuses_a_run_dir_that_already_has_checkpoints(data_dir, committed_run, tmp_path):
@@ -427,7 +438,6 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(data_
 
 
 def test_save_steps_counts_interval_saves_the_final_one_and_those_kept_for_good():
-    from llama_dist.config import load_config
     from llama_dist.run_checks import save_steps
 
     def saves(steps, interval, start, keep_every=0):
