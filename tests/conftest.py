@@ -1,3 +1,4 @@
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,25 @@ def _destroy_process_group():
 
 
 VOCAB = 512  # the shared test corpus's tokenizer size
+
+
+@pytest.fixture(scope="module")
+def committed_run(data_dir, tmp_path_factory):
+    """A real run with a committed step-2 checkpoint at mp=1; tests resume copies of it."""
+    from llama_dist.checkpoint import latest_checkpoint
+    from llama_dist.train import train
+    from test_train import tiny_config
+
+    run = tmp_path_factory.mktemp("committed") / "run"
+    assert train(tiny_config(data_dir, run, "train.steps=2", "checkpoint.interval=2")) == 0
+    assert latest_checkpoint(run).name == "step-000002"
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    return target
 
 
 @pytest.fixture(scope="session")
